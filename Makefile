@@ -1,0 +1,51 @@
+# cnnexp — every target installs what it needs first (a local virtualenv in .venv).
+# `make help` lists the targets.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+SWEEP   ?= seed_questions
+WORKERS ?= 1
+ARGS    ?=
+PORT    ?= 5000
+MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run sweep report ui test test-slow test-all lint bench clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv and install cnnexp (editable) with its dev and cluster extras
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,cluster]"
+	@touch $(STAMP)
+
+run: install ## One experiment, e.g. make run ARGS='+kernel=7 train.epochs=1'
+	$(PY) -m cnnexp.run $(ARGS)
+
+sweep: install ## The main job: an Optuna study from sweeps/$(SWEEP).yaml, e.g. make sweep SWEEP=quick
+	$(PY) -m cnnexp.sweep --sweep $(SWEEP) sweep.workers=$(WORKERS) $(ARGS)
+
+report: install ## Tables and plots for a study: make report SWEEP=quick
+	$(PY) -m cnnexp.report $(SWEEP) $(ARGS)
+
+ui: install ## The MLflow UI on http://127.0.0.1:$(PORT), over the store that runs log to
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+
+test: install ## The fast tests (what CI runs): offline, real training on small subsets
+	$(PY) -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+
+test-slow: install ## The slow tier: longer end-to-end runs
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check cnnexp tests
+
+clean: ## Remove outputs, local stores and caches (not the virtualenv, not staged data)
+	rm -rf outputs multirun mlruns mlartifacts mlflow.db studies .pytest_cache .ruff_cache

@@ -1,0 +1,93 @@
+"""Compose and validate experiment configs (Hydra's compose API; no `_target_` anywhere)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from functools import cache
+
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from cnnexp import CONF_DIR
+
+# Command-line knobs that are deliberately not keys of the primary config, so that the
+# spelling `+kernel=7` works (Hydra refuses '+' for a key that already exists).
+SHORTCUTS = {
+    "kernel": "kernel size of every conv layer",
+    "filters": "filters of every conv layer (one value, or a list with one per conv layer)",
+    "width": "multiplier on every conv layer's filters",
+}
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range; the message names the key."""
+
+
+def compose_config(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with Hydra overrides and validate it.
+
+    Args:
+        overrides: Hydra override strings, e.g. ["+kernel=7", "train.epochs=1"].
+    """
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    validate_config(cfg)
+    return cfg
+
+
+@cache
+def known_keys() -> dict[str, set[str]]:
+    """Every key a section may hold: the union over that group's YAML files (nested as 'a.b')."""
+    known: dict[str, set[str]] = {}
+    for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
+        keys: set[str] = set()
+        for file in group_dir.glob("*.yaml"):
+            keys |= _dotted_keys(yaml.safe_load(file.read_text()) or {})
+        known[group_dir.name] = keys
+    primary = yaml.safe_load((CONF_DIR / "config.yaml").read_text())
+    known[""] = (set(primary) - {"defaults", "hydra"}) | set(known) | set(SHORTCUTS)
+    return known
+
+
+def _dotted_keys(node: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in node.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject unknown keys (a typo such as `+kernal=7`) and bad training values, before any work."""
+    known = known_keys()
+    for key in cfg:
+        if key not in known[""]:
+            _unknown(key, known[""], extra="" if key in known else
+                     "  Shortcuts: " + "; ".join(f"+{k}: {v}" for k, v in SHORTCUTS.items()))
+    for section in ("dataset", "model", "train", "tracking"):
+        if not isinstance(cfg.get(section), DictConfig):
+            raise ConfigError(f"The config has no '{section}' section; pick one with {section}=<name>.")
+        present = _dotted_keys(OmegaConf.to_container(cfg[section], resolve=False))
+        for key in sorted(present - known[section]):
+            if "." not in key or key.rsplit(".", 1)[0] in known[section]:
+                _unknown(f"{section}.{key}", {f"{section}.{k}" for k in known[section]})
+
+    from cnnexp.train import validate_train_config
+
+    validate_train_config(cfg.train)
+
+
+def _unknown(key: str, choices: set[str], extra: str = "") -> None:
+    close = difflib.get_close_matches(key, sorted(choices), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"Unknown config key '{key}'.{hint}{extra}")
+
+
+def overrides_to_command(overrides: Iterable[str], module: str = "cnnexp.run") -> str:
+    """The one-line command that reproduces a run with these overrides."""
+    import shlex
+
+    return " ".join(["python", "-m", module, *(shlex.quote(o) for o in overrides)])

@@ -1,0 +1,106 @@
+"""Process set-up shared by every entry point: quiet TensorFlow, devices, descriptions."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from functools import cache
+
+# TensorFlow's C++ logging is configured from the environment when it is first imported,
+# so these must be set before any `import tensorflow` or `import keras`.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+@contextlib.contextmanager
+def _stderr_to_file():
+    """Hold the C-level stderr in a temporary file; give it back if something went wrong.
+
+    TensorFlow prints oneDNN and CUDA-stub notices from C++ before its logging is set up,
+    which TF_CPP_MIN_LOG_LEVEL cannot silence.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@cache
+def keras():
+    """Import Keras (and its backend) once, without the start-up noise, and return it."""
+    with _stderr_to_file():
+        import keras as _keras
+
+        if _keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.get_logger().setLevel("ERROR")
+            # Grow GPU memory on demand, so that several workers can share a card and an
+            # out-of-memory trial fails alone; must happen before the GPU is first used.
+            for gpu in tf.config.list_physical_devices("GPU"):
+                with contextlib.suppress(RuntimeError):
+                    tf.config.experimental.set_memory_growth(gpu, True)
+    return _keras
+
+
+@cache
+def device_description() -> str:
+    """A short description of where training runs, e.g. 'GPU: NVIDIA H100' or 'CPU: … (2 cores)'."""
+    k = keras()
+    if k.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            return f"GPU: {details.get('device_name', gpus[0].name)} (x{len(gpus)})"
+    elif k.backend.backend() == "jax":
+        import jax
+
+        devices = jax.devices()
+        if devices[0].platform != "cpu":
+            return f"{devices[0].platform.upper()}: {devices[0].device_kind} (x{len(devices)})"
+    return f"CPU: {cpu_name()} ({os.cpu_count()} cores)"
+
+
+def has_gpu() -> bool:
+    return not device_description().startswith("CPU")
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    """The commit of the working tree the code runs from, with '-dirty' if it has changes."""
+    from cnnexp import PROJECT_ROOT
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) or None

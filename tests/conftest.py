@@ -1,0 +1,83 @@
+"""Shared fixtures: offline, isolated caches and stores, the shared CIFAR-10 image tree."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnexp import PROJECT_ROOT
+
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+CIFAR_JPEG = SHARED_DATA / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment(tmp_path_factory):
+    """No test reads the user's Keras cache, writes to their MLflow store or touches the network."""
+    root = tmp_path_factory.mktemp("env")
+    saved = {k: os.environ.get(k) for k in ("KERAS_HOME", "CNNEXP_CACHE_DIR", "MLFLOW_TRACKING_URI")}
+    os.environ["KERAS_HOME"] = str(root / "keras-home")  # empty: nothing staged there
+    # One decode cache for the session: the shared tree is decoded once, not per test.
+    os.environ["CNNEXP_CACHE_DIR"] = str(root / "cache")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg() -> Path:
+    if not CIFAR_JPEG.exists():
+        pytest.skip(f"{CIFAR_JPEG} is not there (see ../shared/data/README.md)")
+    return CIFAR_JPEG
+
+
+def folder_overrides(path: Path, train_limit: int = 2000, test_limit: int = 500) -> list[str]:
+    """A small, stratified subset of the real CIFAR-10 images."""
+    return [
+        "dataset=folder", f"dataset.path={path}", f"dataset.train_limit={train_limit}",
+        f"dataset.test_limit={test_limit}",
+    ]
+
+
+def tracking_overrides(tmp_path: Path, log_model: bool = False) -> list[str]:
+    return [
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.artifact_root={tmp_path / 'mlartifacts'}",
+        f"tracking.log_model={str(log_model).lower()}",
+    ]
+
+
+def make_cifar10_archive(folder: Path, per_batch: int = 50, seed: int = 0) -> Path:
+    """A small archive in the standard CIFAR-10 python layout (cifar-10-python.tar.gz)."""
+    rng = np.random.default_rng(seed)
+    src = folder / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        with open(src / name, "wb") as handle:
+            pickle.dump({b"data": data, b"labels": labels}, handle)
+    archive = folder / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    return archive
+
+
+def run_cli(module: str, *args: str, cwd: Path, timeout: int = 900, env: dict | None = None):
+    """Run `python -m <module> args` as a user would, and return the completed process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+        timeout=timeout, env=full_env,
+    )

@@ -1,0 +1,70 @@
+"""Config composition: every group, the +kernel shortcut, typos and bad training values."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from cnnexp import CONF_DIR
+from cnnexp.config import ConfigError, compose_config
+from cnnexp.model import layers_from_config
+
+GROUP_OPTIONS = [
+    (group.name, option.stem)
+    for group in sorted(CONF_DIR.iterdir()) if group.is_dir()
+    for option in sorted(group.glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_config_group_option_composes(group, option):
+    extra = ["dataset.path=/some/folder"] if (group, option) == ("dataset", "folder") else []
+    cfg = compose_config([f"{group}={option}", *extra])
+    assert cfg[group] is not None
+
+
+def test_default_is_the_notebook_experiment():
+    cfg = compose_config()
+    assert (cfg.dataset.name, cfg.model.name, cfg.train.optimizer) == ("cifar10", "seed_cnn", "sgd")
+    assert (cfg.train.batch_size, cfg.train.epochs) == (100, 2)
+    assert cfg.dataset.scale == "unit"  # never raw 0-255 pixels
+
+
+@pytest.mark.parametrize("kernel", [2, 4, 6, 7])
+def test_plus_kernel_sets_every_conv_layer(kernel):
+    cfg = compose_config([f"+kernel={kernel}"])
+    convs = [s for s in layers_from_config(cfg) if s.type == "conv"]
+    assert len(convs) == 4 and {s.kernel for s in convs} == {kernel}
+
+
+def test_per_layer_filters_and_other_overrides():
+    cfg = compose_config(["model.layers.0.filters=16", "train.batch_size=256", "dataset=mnist", "model=mnist_cnn"])
+    assert cfg.train.batch_size == 256 and cfg.dataset.name == "mnist"
+    assert layers_from_config(cfg)[0].filters == 16
+
+
+def test_a_typo_with_plus_is_rejected_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"Unknown config key 'kernal'. Did you mean 'kernel'\?"):
+        compose_config(["+kernal=7"])
+    with pytest.raises(ConfigError, match=r"Unknown config key 'train.batchsize'. Did you mean 'train.batch_size'\?"):
+        compose_config(["+train.batchsize=7"])
+
+
+def test_a_typo_without_plus_is_rejected_by_hydra():
+    with pytest.raises(ConfigCompositionException, match="kernal"):
+        compose_config(["kernal=7"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batch_size=0", r"train.batch_size=0 must be >= 1"),
+        ("train.epochs=-1", r"train.epochs=-1 must be >= 1"),
+        ("train.optimizer=sgdd", r"train.optimizer='sgdd' is unknown"),
+        ("train.val_fraction=1.5", r"train.val_fraction=1.5 must be < 1"),
+        ("train.val_fraction=0", r"train.val_fraction=0 must be > 0"),
+        ("train.batch_size=abc", r"train.batch_size='abc' must be an integer"),
+        ("train.lr=0", r"train.lr=0 must be > 0"),
+    ],
+)
+def test_bad_training_values_are_rejected_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config([override])

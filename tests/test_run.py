@@ -1,0 +1,75 @@
+"""One experiment end to end: the real CLI, a real MLflow store, real CIFAR-10 images."""
+
+import math
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from cnnexp.config import compose_config
+from cnnexp.run import run
+from cnnexp.train import NonFiniteLossError
+from tests.conftest import folder_overrides, run_cli, tracking_overrides
+
+
+def test_cli_trains_above_chance_and_logs_a_complete_mlflow_run(tmp_path, cifar_jpeg):
+    overrides = [*folder_overrides(cifar_jpeg, train_limit=3000, test_limit=1000), "+width=0.5",
+                 *tracking_overrides(tmp_path, log_model=True), "train.verbose=0"]
+    proc = run_cli("cnnexp.run", *overrides, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test loss:" in proc.stdout and "test accuracy:" in proc.stdout
+    printed_accuracy = float(proc.stdout.split("test accuracy:")[1].split()[0])
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("cnnexp").experiment_id])
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    # Learned: well above the 10% that raw 0-255 pixels gave the notebook.
+    assert r.data.metrics["test_accuracy"] == pytest.approx(printed_accuracy, abs=1e-4)
+    assert r.data.metrics["test_accuracy"] > 0.17
+    assert r.data.params["train.batch_size"] == "100" and r.data.params["dataset.name"] == "folder"
+    assert r.data.params["model.layers_resolved"] == "c32k3 c32k3 m2 c64k3 m2 c64k3 f d1024 d10"
+    assert {"test_loss", "params", "train_seconds", "images_per_second"} <= set(r.data.metrics)
+    for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [m.step for m in client.get_metric_history(r.info.run_id, name)] == [0, 1], name
+    tags = r.data.tags
+    assert tags["cnnexp.command"].startswith("python -m cnnexp.run dataset=folder")
+    assert "+width=0.5" in tags["cnnexp.command"]
+    assert tags["cnnexp.device"].startswith(("CPU", "GPU"))
+    assert len(tags["cnnexp.dataset_fingerprint"]) == 16
+    assert "mlflow.source.git.commit" in tags
+    artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"config.yaml", "model_summary.txt"} <= artifacts
+    summary = client.download_artifacts(r.info.run_id, "model_summary.txt", str(tmp_path))
+    assert "conv2d" in open(summary).read().lower()
+    models = mlflow.search_logged_models(experiment_ids=[r.info.experiment_id], output_format="list")
+    assert len(models) == 1 and models[0].source_run_id == r.info.run_id
+    loaded = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    assert loaded.metadata.signature is not None
+
+
+def test_cli_reports_a_bad_architecture_in_one_line_without_training(tmp_path):
+    proc = run_cli("cnnexp.run", "model.padding=valid", "+kernel=33", *tracking_overrides(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "error: model.layers.0.kernel=33 is larger than the 32x32 feature map" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # rejected before any run was started
+
+
+def test_cli_rejects_a_typo_in_an_override(tmp_path):
+    proc = run_cli("cnnexp.run", "+kernal=7", cwd=tmp_path)
+    assert proc.returncode != 0 and "Did you mean 'kernel'" in proc.stderr
+
+
+def test_nan_loss_fails_the_run_with_the_reason(tmp_path, cifar_jpeg):
+    overrides = [*folder_overrides(cifar_jpeg, train_limit=500, test_limit=100), "+filters=4",
+                 "model.layers.7.units=16", "train.lr=1e12", "train.epochs=3", "train.verbose=0",
+                 *tracking_overrides(tmp_path)]
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan in epoch 1 .*train.lr=1000000000000.0"):
+        run(compose_config(overrides), overrides=overrides)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (r,) = client.search_runs([client.get_experiment_by_name("cnnexp").experiment_id])
+    assert r.info.status == "FAILED" and "NonFiniteLossError" in r.data.tags["error"]
+    assert math.isnan(client.get_metric_history(r.info.run_id, "train_loss")[0].value)
