@@ -50,6 +50,7 @@ def run(
     parent_run_id: str | None = None,
     run_name: str | None = None,
     tags: dict | None = None,
+    run_id: str | None = None,
 ) -> dict:
     """Train and evaluate one model, logging it to MLflow.
 
@@ -59,6 +60,7 @@ def run(
         callbacks: extra Keras callbacks (a sweep's pruning callback).
         parent_run_id: makes the MLflow run a child of this run (a sweep's study run).
         run_name, tags: for the MLflow run.
+        run_id: log into this existing MLflow run (created by a sweep for its trial).
 
     Returns:
         Metrics: test_loss, test_accuracy, val_accuracy, params, epochs_run, images_per_second, ...
@@ -75,7 +77,7 @@ def run(
         **(tags or {}),
     }
     name = run_name or f"{cfg.model.name}-{cfg.dataset.name}"
-    with tracking.start_run(cfg.tracking, name, run_tags, parent_run_id) as mlrun:
+    with tracking.start_run(cfg.tracking, name, run_tags, parent_run_id, run_id) as mlrun:
         params = tracking.flatten(cfg)
         params["model.layers_resolved"] = _layers_text(layers)
         params["overrides"] = " ".join(overrides) or "(defaults)"
@@ -111,7 +113,8 @@ def run(
             mlrun.log_model(net, dataset.x_test[:4])
         metrics["run_id"] = mlrun.run_id
         metrics["history"] = result.history
-        metrics["model"] = net
+        metrics["model"] = net  # for callers that log it later (a sweep's best trial)
+        metrics["example"] = dataset.x_test[:4]
     return metrics
 
 

@@ -150,20 +150,24 @@ class Run:
 
 
 @contextmanager
-def start_run(tracking_cfg, run_name: str, tags: dict | None = None, parent_run_id: str | None = None):
-    """Start an MLflow run and always end it: FINISHED, FAILED (with the error) or KILLED.
+def start_run(tracking_cfg, run_name: str, tags: dict | None = None, parent_run_id: str | None = None,
+              run_id: str | None = None):
+    """Start an MLflow run (or continue `run_id`) and always end it: FINISHED, FAILED or KILLED.
 
     A run is never left RUNNING: exceptions, Ctrl-C and SIGTERM (raised as KeyboardInterrupt
     or SystemExit by our handlers) all end it with a status and the reason as a tag.
     """
     run = Run(None)
     experiment_id = None
+    if run_id is not None:  # created by the caller (a sweep's trial): log into it
+        run = Run(run_id)
+        run.set_tags(tags or {})
     try:
         experiment_id = configure(tracking_cfg)
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"MLflow at {tracking_cfg.uri} is unreachable, this run is not logged: {err}",
                       stacklevel=2)
-    if experiment_id is not None:
+    if experiment_id is not None and not run.active:
         from mlflow import MlflowClient
 
         all_tags = dict(tags or {})
