@@ -30,6 +30,8 @@ def trials_table(study: optuna.Study, repeats: optuna.Study | None = None) -> pd
     if not frames:
         return pd.DataFrame(columns=["trial", "state", "objective"])
     frames[0]["user_attrs_repeat_of"] = frames[0].get("user_attrs_repeat_of", pd.NA)
+    if len(frames) > 1:  # repeats are numbered in a study of their own: r0, r1, ...
+        frames = [frames[0].astype({"number": object}), frames[1].assign(number="r" + frames[1]["number"].astype(str))]
     table = pd.concat(frames, ignore_index=True)
     params = sorted(c for c in table.columns if c.startswith("params_"))
     table["duration_s"] = table["duration"].dt.total_seconds().round(1)
@@ -70,13 +72,16 @@ def effects(table: pd.DataFrame, params: list[str], noise: float | None) -> pd.D
                          "verdict": "only one value tried: no answer"})
             continue
         effect = float(groups["mean"].max() - groups["mean"].min())
-        best = groups["mean"].idxmax()
+        best, worst = groups["mean"].idxmax(), groups["mean"].idxmin()
         if noise is None:
             verdict = "seed noise unknown (run with sweep.repeats=2 to measure it)"
-        elif effect > 2 * noise:
-            verdict = f"yes: exceeds 2x seed noise (sigma {noise:.4f}); best at {best}"
         else:
-            verdict = f"not distinguishable from seed noise (sigma {noise:.4f})"
+            # Standard error of the difference between the best and the worst value's means.
+            margin = 2 * noise * math.sqrt(1 / groups.loc[best, "count"] + 1 / groups.loc[worst, "count"])
+            if effect > margin:
+                verdict = f"yes: larger than seed noise ({effect:.3f} > 2 SE = {margin:.3f}); best at {best}"
+            else:
+                verdict = f"not distinguishable from seed noise ({effect:.3f} <= 2 SE = {margin:.3f})"
         rows.append({"parameter": param, "means": _fmt_means(groups), "effect": effect, "verdict": verdict})
     return pd.DataFrame(rows, columns=["parameter", "means", "effect", "verdict"])
 
@@ -181,11 +186,15 @@ def write_report(study: optuna.Study, settings, parent_run_id: str | None = None
     (out / "trials.md").write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
     plots = plot_all(study, table, params, out / "plots")
 
-    counts = table["state"].value_counts().to_dict()
+    main = table[table.get("repeat_of", pd.Series(pd.NA, index=table.index)).isna()]
+    counts = main["state"].value_counts().to_dict()
+    n_repeats = len(table) - len(main)
     metric = settings.metric
     lines = [f"# Study `{study.study_name}`: {metric} ({settings.direction})", "",
              f"Trials: {len(study.trials)} of {settings.n_trials} "
-             f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); storage `{settings.storage}`.", ""]
+             f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+             + (f", plus {n_repeats} repeat(s) with other seeds" if n_repeats else "")
+             + f"; storage `{settings.storage}`.", ""]
     best = next(iter(sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
                             key=lambda t: t.value, reverse=settings.direction == "maximize")), None)
     if best is not None:
@@ -204,8 +213,12 @@ def write_report(study: optuna.Study, settings, parent_run_id: str | None = None
     summary.write_text("\n".join(lines))
 
     if parent_run_id:
+        import mlflow
+
         from cnnexp.tracking import Run
 
+        if study.user_attrs.get("mlflow_tracking_uri"):
+            mlflow.set_tracking_uri(study.user_attrs["mlflow_tracking_uri"])
         run = Run(parent_run_id)
         for path in (out / "trials.csv", out / "trials.md", summary):
             run.log_artifact(path)
@@ -239,7 +252,8 @@ def main(argv=None) -> int:
                                  "n_trials": len(study.trials),
                                  "metric": study.user_attrs.get("metric", DEFAULTS["sweep"]["metric"])})
     summary = write_report(study, settings, parent_run_id=study.user_attrs.get("mlflow_parent_run_id"))
-    print(f"\nReport: {summary}")
+    print(summary.read_text())
+    print(f"Report: {summary} (and trials.csv, trials.md, plots/ beside it)")
     return 0
 
 

@@ -482,7 +482,10 @@ def optimize(sweep: Sweep, show_progress: bool = True) -> optuna.Study:
     parent = parent_run(sweep)
     study.set_user_attr("metric", str(settings.metric))
     if parent:
+        import mlflow
+
         study.set_user_attr("mlflow_parent_run_id", parent)
+        study.set_user_attr("mlflow_tracking_uri", mlflow.get_tracking_uri())
     total = int(settings.n_trials)
     start = time.monotonic()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
@@ -636,8 +639,10 @@ def _max_epochs(sweep: Sweep, cfg) -> int:
     space = sweep.space.get("train.epochs")
     if isinstance(space, ChoiceSweep):
         return max(int(v) for v in space.list)
-    if isinstance(space, (RangeSweep, IntervalSweep)):
-        return int(getattr(space, "stop", None) or space.end)
+    if isinstance(space, RangeSweep):
+        return int(max(_frange(space.start, space.stop, space.step)))
+    if isinstance(space, IntervalSweep):
+        return int(space.end)
     return int(cfg.train.epochs)
 
 

@@ -25,7 +25,7 @@ def configure(tracking_cfg) -> str | None:
         return None
     import mlflow
 
-    uri = str(tracking_cfg.uri)
+    uri = absolute_uri(str(tracking_cfg.uri))
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(tracking_cfg.experiment)
     if experiment is not None:
@@ -40,6 +40,14 @@ def configure(tracking_cfg) -> str | None:
     except mlflow.exceptions.MlflowException:
         # Another worker created it between our lookup and our create.
         return mlflow.get_experiment_by_name(tracking_cfg.experiment).experiment_id
+
+
+def absolute_uri(uri: str) -> str:
+    """sqlite:///mlflow.db -> sqlite:////abs/path/mlflow.db, so that other processes find the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
@@ -107,7 +115,7 @@ class Run:
         self._safely(path, self.client().log_text, self.run_id, text, path)
 
     def log_artifact(self, local_path: str | Path, folder: str | None = None) -> None:
-        self._safely(str(local_path), self.client().log_artifact, self.run_id, str(local_path), folder)
+        self._safely("artifacts", self.client().log_artifact, self.run_id, str(local_path), folder)
 
     def log_model(self, model, example) -> None:
         """The Keras model with its input/output signature, through MLflow's Keras flavour."""
