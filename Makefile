@@ -11,9 +11,11 @@ ARGS    ?=
 PORT    ?= 5000
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 PYTEST_ARGS ?=
+MLFLOW_SERVER_STORE ?= sqlite:///mlflow-server.db
+MLFLOW_SERVER_ARTIFACTS ?= mlartifacts-server
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report ui test test-slow test-all lint bench clean
+.PHONY: help install run sweep report ui mlflow-server services test test-fast test-slow lint bench clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -38,14 +40,24 @@ report: install ## Tables and plots for a study: make report SWEEP=quick
 ui: install ## The MLflow UI on http://127.0.0.1:$(PORT), over the store that runs log to
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(PORT)
 
-test: install ## The fast tests (what CI runs): offline, real training on small subsets
+test: install ## The tests CI runs: offline, real training on small subsets; cluster tests skip without their services
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-fast: install ## Only the fast tier (no multi-worker, server or Slurm tests)
 	$(PY) -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+
+services: ## Start PostgreSQL and a one-node Slurm cluster on loopback for the cluster tests (root): eval "$$(make -s services)"
+	@bash .ci/services.sh
 
 test-slow: install ## The slow tier: longer end-to-end runs
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+mlflow-server: install ## An MLflow tracking server on 127.0.0.1:$(PORT) with a database backend and artifact root
+	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_SERVER_STORE) --artifacts-destination $(MLFLOW_SERVER_ARTIFACTS) \
+		--host 127.0.0.1 --port $(PORT)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check cnnexp tests
 
 clean: ## Remove outputs, local stores and caches (not the virtualenv, not staged data)
-	rm -rf outputs multirun mlruns mlartifacts mlflow.db studies .pytest_cache .ruff_cache
+	rm -rf outputs multirun mlruns mlartifacts mlartifacts-server mlflow.db mlflow-server.db studies.db studies.db.lock .pytest_cache .ruff_cache

@@ -10,10 +10,12 @@ process (see `run_trial`), logged as an MLflow child run of the study's parent r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -49,7 +51,10 @@ DEFAULTS = {
         "repeats": 0,               # re-train the best configurations with this many other seeds
         "repeat_top": 3,
         "log_models": "best",       # best | all | none
-        "workers": 1,
+        "workers": 1,               # worker processes on this machine (more can join from others)
+        "heartbeat_interval": 10,   # seconds; a trial silent for grace_period is failed as stale
+        "grace_period": 60,
+        "retry_failed": 0,          # re-run a stale (lost-worker) trial up to this many times
         "estimate": True,           # print a time estimate before a sweep on a machine without GPU
         "output_dir": "outputs/sweeps",
     },
@@ -241,8 +246,12 @@ def make_pruner(settings) -> optuna.pruners.BasePruner:
         raise ConfigError(f"sweep.pruner: {err}") from err
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage | str:
-    """An Optuna storage for the URL: RDB (SQLite, PostgreSQL, ...) with heartbeats, or a journal file."""
+def make_storage(url: str, settings=None) -> optuna.storages.BaseStorage:
+    """An Optuna storage for the URL: RDB (SQLite, PostgreSQL, ...) with heartbeats, or a journal file.
+
+    Heartbeats let any worker fail a trial whose worker died (SIGKILL, lost node); the
+    callback then closes that trial's MLflow run and, if asked, retries the trial.
+    """
     if url.startswith("journal:"):
         path = url.removeprefix("journal:").removeprefix("//")
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
@@ -255,22 +264,45 @@ def make_storage(url: str) -> optuna.storages.BaseStorage | str:
             Path(db_file).parent.mkdir(parents=True, exist_ok=True)
     else:
         engine_kwargs["pool_pre_ping"] = True
+    interval = int(settings.heartbeat_interval) if settings is not None else DEFAULTS["sweep"]["heartbeat_interval"]
+    grace = int(settings.grace_period) if settings is not None else DEFAULTS["sweep"]["grace_period"]
+    retries = int(settings.retry_failed) if settings is not None else 0
     return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=120,
+        url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace,
+        heartbeat_stale_trial_callback=_StaleTrialCallback(retries),
     )
+
+
+class _StaleTrialCallback:
+    """Called by Optuna when a trial's heartbeat went stale: its worker is gone."""
+
+    def __init__(self, retries: int):
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries) if retries else None
+
+    def __call__(self, study, frozen) -> None:
+        run_id = frozen.user_attrs.get("mlflow_run_id")
+        if run_id:
+            run = tracking.Run(run_id)
+            run.set_tags({"optuna.trial_state": "FAIL", "error": "worker lost: no heartbeat (killed or crashed)"})
+            run.end("FAILED")
+        if self.retry is not None:
+            self.retry(study, frozen)
 
 
 def open_study(sweep: Sweep) -> optuna.Study:
     """Create the study, or load it when it exists (resume), with the configured sampler and pruner."""
+    from cnnexp.workers import trial_slot_lock
+
     settings = sweep.settings
-    return optuna.create_study(
-        study_name=settings.study_name,
-        storage=make_storage(str(settings.storage)),
-        sampler=make_sampler(settings, sweep.space),
-        pruner=make_pruner(settings),
-        direction=str(settings.direction),
-        load_if_exists=True,
-    )
+    with trial_slot_lock(str(settings.storage)):  # many workers starting at once: one creates
+        return optuna.create_study(
+            study_name=settings.study_name,
+            storage=make_storage(str(settings.storage), settings),
+            sampler=make_sampler(settings, sweep.space),
+            pruner=make_pruner(settings),
+            direction=str(settings.direction),
+            load_if_exists=True,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +357,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, parent_run
     command = overrides_to_command(overrides)
     trial.set_user_attr("overrides", overrides)
     trial.set_user_attr("command", command)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}:{os.environ.get('CNNEXP_WORKER', '0')}")
     child_tags = {
         "optuna.study_name": settings.study_name, "optuna.trial_number": trial.number,
         "optuna.trial_state": "RUNNING", "cnnexp.command": command, **(tags or {}),
@@ -427,8 +460,12 @@ class tracking_errors_as_warnings:
         return False
 
 
-def parent_run(sweep: Sweep) -> str | None:
-    """The study's MLflow parent run: found again on resume, never duplicated."""
+def parent_run(sweep: Sweep, known_id: str | None = None) -> str | None:
+    """The study's MLflow parent run: found again on resume, never duplicated.
+
+    Args:
+        known_id: the parent recorded in the study's attributes by an earlier run or worker.
+    """
     cfg = compose_config(sweep.overrides)
     if not cfg.tracking.enabled:
         return None
@@ -438,6 +475,10 @@ def parent_run(sweep: Sweep) -> str | None:
         experiment_id = tracking.configure(cfg.tracking)
         client = MlflowClient()
         name = sweep.settings.study_name
+        if known_id:
+            with tracking_errors_as_warnings():
+                client.update_run(client.get_run(known_id).info.run_id, status="RUNNING")
+                return known_id
         found = client.search_runs(
             [experiment_id],
             filter_string=f"tags.`cnnexp.study` = '{name}' and tags.`cnnexp.role` = 'study'",
@@ -466,7 +507,27 @@ def parent_run(sweep: Sweep) -> str | None:
 
 
 def count_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False))
+    """Trials that count towards n_trials: all of them, except failures that were retried."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+    return sum(1 for t in trials if not (t.state == optuna.trial.TrialState.FAIL and t.number in retried))
+
+
+def _next_trial(study: optuna.Study, total: int, storage_url: str):
+    """Under the study-wide lock: fail stale trials, count, and ask only if the total allows."""
+    from cnnexp.workers import trial_slot_lock
+
+    with trial_slot_lock(storage_url):
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
+        if count_trials(study) >= total and not waiting:
+            running = any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+            return "wait" if running else None
+        with warnings.catch_warnings():
+            # "Heartbeat ... supposed to be used with Study.optimize": we beat ourselves (_heartbeat).
+            warnings.simplefilter("ignore")
+            return study.ask()
 
 
 def optimize(sweep: Sweep, show_progress: bool = True) -> optuna.Study:
@@ -477,32 +538,39 @@ def optimize(sweep: Sweep, show_progress: bool = True) -> optuna.Study:
     """
     from tqdm import tqdm
 
+    from cnnexp.workers import trial_slot_lock
+
     settings = sweep.settings
     study = open_study(sweep)
-    parent = parent_run(sweep)
-    study.set_user_attr("metric", str(settings.metric))
-    if parent:
-        import mlflow
+    with trial_slot_lock(str(settings.storage)):  # one parent run, however many workers start
+        parent = parent_run(sweep, study.user_attrs.get("mlflow_parent_run_id"))
+        study.set_user_attr("metric", str(settings.metric))
+        if parent:
+            import mlflow
 
-        study.set_user_attr("mlflow_parent_run_id", parent)
-        study.set_user_attr("mlflow_tracking_uri", mlflow.get_tracking_uri())
+            study.set_user_attr("mlflow_parent_run_id", parent)
+            study.set_user_attr("mlflow_tracking_uri", mlflow.get_tracking_uri())
     total = int(settings.n_trials)
     start = time.monotonic()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     bar = tqdm(total=total, initial=min(count_trials(study), total), desc=settings.study_name, unit="trial",
                disable=not show_progress, dynamic_ncols=True)
+    waited = False
     try:
         while True:
-            optuna.storages.fail_stale_trials(study)
-            if count_trials(study) >= total:
-                break
             if settings.timeout and time.monotonic() - start > float(settings.timeout):
                 bar.write(f"sweep.timeout={settings.timeout}s reached; rerun to continue the study.")
                 break
-            with warnings.catch_warnings():
-                # "Heartbeat ... supposed to be used with Study.optimize": we beat ourselves (_heartbeat).
-                warnings.simplefilter("ignore")
-                trial = study.ask()
+            trial = _next_trial(study, total, str(settings.storage))
+            if trial is None:
+                break
+            if trial == "wait":  # other workers' trials are still running (or stale, soon failed)
+                if not waited:
+                    bar.write("Waiting for trials still running in other workers (a dead worker's trial "
+                              f"fails after sweep.grace_period={settings.grace_period}s without heartbeat).")
+                    waited = True
+                time.sleep(min(float(settings.heartbeat_interval), 5.0))
+                continue
             with _heartbeat(study, trial):
                 frozen = run_trial(study, trial, sweep, parent, bar)
             bar.update(1)
@@ -524,32 +592,20 @@ def optimize(sweep: Sweep, show_progress: bool = True) -> optuna.Study:
     return study
 
 
-class _heartbeat:
-    """Beat for a trial while it runs, so that a killed worker's trial is detected as stale."""
+@contextlib.contextmanager
+def _heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Optuna's own heartbeat thread for an ask/tell trial (study.optimize starts it for you).
 
-    def __init__(self, study, trial, interval: float = 10.0):
-        self.storage, self.trial_id, self.interval = study._storage, trial._trial_id, interval
-        self.stop = threading.Event()
+    A killed worker's trial stops beating and is failed as stale by the next worker that asks.
+    """
+    from optuna.storages._heartbeat import get_heartbeat_thread
 
-    def __enter__(self):
-        if isinstance(self.storage, optuna.storages.RDBStorage) and self.storage.heartbeat_interval:
-            self.interval = float(self.storage.heartbeat_interval)
-            self.thread = threading.Thread(target=self._beat, daemon=True)
-            self.thread.start()
-        return self
-
-    def _beat(self):
-        while True:
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception:  # noqa: BLE001 - a missed beat is retried
-                pass
-            if self.stop.wait(self.interval):
-                return
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        return False
+    thread = get_heartbeat_thread(trial._trial_id, study._storage)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 def _best(study: optuna.Study):
@@ -575,7 +631,7 @@ def run_repeats(sweep: Sweep, study: optuna.Study, parent: str | None, bar) -> o
                        key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
     top = completed[: int(settings.repeat_top)]
     repeat_study = optuna.create_study(
-        study_name=f"{settings.study_name}.repeats", storage=make_storage(str(settings.storage)),
+        study_name=f"{settings.study_name}.repeats", storage=make_storage(str(settings.storage), settings),
         direction=str(settings.direction), load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0),
     )
     base_cfg = compose_config(sweep.overrides)

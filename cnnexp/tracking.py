@@ -67,21 +67,21 @@ class Run:
 
     def __init__(self, run_id: str | None):
         self.run_id = run_id
-        self._warned: set[str] = set()
+        self._broken = False  # after one failure, stop paying retries for every later call
 
     @property
     def active(self) -> bool:
         return self.run_id is not None
 
     def _safely(self, what: str, fn, *args, **kwargs):
-        if not self.active:
+        if not self.active or self._broken:
             return None
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - a logging failure must not stop training
-            if what not in self._warned:
-                self._warned.add(what)
-                warnings.warn(f"MLflow: {what} was not logged for run {self.run_id}: {err}", stacklevel=2)
+            self._broken = True
+            warnings.warn(f"MLflow: {what} and everything after it were not logged for run {self.run_id} "
+                          f"(training and the Optuna record go on): {err}", stacklevel=2)
             return None
 
     def client(self):
