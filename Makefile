@@ -56,6 +56,9 @@ mlflow-server: install ## An MLflow tracking server on 127.0.0.1:$(PORT) with a 
 	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_SERVER_STORE) --artifacts-destination $(MLFLOW_SERVER_ARTIFACTS) \
 		--host 127.0.0.1 --port $(PORT)
 
+bench: install ## Benchmarks side by side (ours vs bare Keras, overhead, pruning, memory, data): outputs/bench/report.md
+	$(PY) -m cnnexp.bench $(ARGS)
+
 lint: install ## ruff
 	$(VENV)/bin/ruff check cnnexp tests
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnexp import CONF_DIR, data, model, runtime, tracking
 from cnnexp.config import ConfigError, overrides_to_command, validate_config
-from cnnexp.train import NonFiniteLossError, train_model
+from cnnexp.train import NonFiniteLossError, resolve_precision, train_model
 
 log = logging.getLogger("cnnexp")
 
@@ -87,6 +87,8 @@ def run(
         # Every run starts from a clean, seeded state: nothing leaks from a previous trial.
         k.backend.clear_session()
         k.utils.set_random_seed(int(cfg.train.seed))
+        # Set on every run, so that no trial inherits another's policy.
+        k.mixed_precision.set_global_policy(resolve_precision(cfg.train))
         net = model.build_model(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding,
                                 name=str(cfg.model.name))
         summary: list[str] = []

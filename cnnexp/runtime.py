@@ -44,15 +44,23 @@ def _stderr_to_file():
 
 
 @cache
+def tensorflow():
+    """Import TensorFlow once, quietly (for tf.data, also under the JAX backend)."""
+    with _stderr_to_file():
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
+    return tf
+
+
+@cache
 def keras():
     """Import Keras (and its backend) once, without the start-up noise, and return it."""
     with _stderr_to_file():
         import keras as _keras
 
         if _keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            tf.get_logger().setLevel("ERROR")
+            tf = tensorflow()
             # Grow GPU memory on demand, so that several workers can share a card and an
             # out-of-memory trial fails alone; must happen before the GPU is first used.
             for gpu in tf.config.list_physical_devices("GPU"):

@@ -190,8 +190,10 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=30)
 
 
-def _rest(url, endpoint, body):
-    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+def _rest(url, endpoint, body=None, query=""):
+    """MLflow's REST API: POST with a JSON body, or GET with a query string."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}{query}", data=data,
                                      headers={"Content-Type": "application/json"})
     return json.load(urllib.request.urlopen(request, timeout=30))
 
@@ -204,7 +206,7 @@ def test_sweep_logs_to_an_mlflow_server_and_survives_its_loss(tmp_path, mlflow_s
     study = sweep.optimize(s, show_progress=False)
     assert sweep.finish(s, study) == 0
 
-    experiment = _rest(url, "experiments/get-by-name", {"experiment_name": "cnnexp"})["experiment"]
+    experiment = _rest(url, "experiments/get-by-name", query="?experiment_name=cnnexp")["experiment"]
     runs = _rest(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     parents = [r for r, t in zip(runs, tags) if t.get("cnnexp.role") == "study"]

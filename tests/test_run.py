@@ -73,3 +73,39 @@ def test_nan_loss_fails_the_run_with_the_reason(tmp_path, cifar_jpeg):
     (r,) = client.search_runs([client.get_experiment_by_name("cnnexp").experiment_id])
     assert r.info.status == "FAILED" and "NonFiniteLossError" in r.data.tags["error"]
     assert math.isnan(client.get_metric_history(r.info.run_id, "train_loss")[0].value)
+
+
+@pytest.mark.parametrize("options", [
+    ["train.precision=mixed_float16", "train.pipeline=numpy"],
+    ["train.precision=mixed_bfloat16", "train.jit_compile=false", "train.steps_per_execution=4"],
+    ["train.precision=float32", "train.jit_compile=true", "train.pipeline=tf_data"],
+])
+def test_training_options_run_correctly_on_cpu(options, cifar_jpeg):
+    overrides = [*folder_overrides(cifar_jpeg, train_limit=1000, test_limit=300), "+width=0.25",
+                 "train.epochs=2", "train.verbose=0", "tracking=off", *options]
+    metrics = run(compose_config(overrides), overrides=overrides)
+    history = metrics["history"]
+    assert all(math.isfinite(v) for v in history["loss"]) and history["loss"][1] < history["loss"][0]
+    assert metrics["test_accuracy"] > 0.12 and metrics["images_per_second"] > 0
+    expected = next((o.split("=")[1] for o in options if o.startswith("train.precision")), "float32")
+    assert metrics["model"].dtype_policy.name == expected
+
+
+def test_bad_training_option_names_the_key():
+    from cnnexp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.precision='fp8' must be one of"):
+        compose_config(["train.precision=fp8"])
+
+
+def test_the_pipeline_runs_on_the_jax_backend(tmp_path, cifar_jpeg):
+    pytest.importorskip("jax")
+    overrides = [*folder_overrides(cifar_jpeg, train_limit=1000, test_limit=300), "+width=0.25",
+                 "train.verbose=0", *tracking_overrides(tmp_path, log_model=True)]
+    proc = run_cli("cnnexp.run", *overrides, cwd=tmp_path, env={"KERAS_BACKEND": "jax"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (r,) = client.search_runs([client.get_experiment_by_name("cnnexp").experiment_id])
+    assert r.info.status == "FINISHED" and r.data.tags["cnnexp.keras_backend"] == "jax"
+    assert r.data.metrics["test_accuracy"] > 0.11
+    assert len(client.get_metric_history(r.info.run_id, "val_accuracy")) == 2

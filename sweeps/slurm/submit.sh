@@ -16,9 +16,10 @@ PARTITION=${PARTITION:-}
 SWEEP=${SWEEP:-seed_questions}
 export SWEEP SWEEP_STORAGE="${SWEEP_STORAGE:-}" SWEEP_ARGS="${SWEEP_ARGS:-}" MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-}"
 
+name=$(basename "$SWEEP" .yaml)   # SWEEP may be a name in sweeps/ or a path to a YAML
 mkdir -p outputs/slurm
 args=(--array="0-$((WORKERS - 1))" --cpus-per-task="$CPUS_PER_WORKER" --mem="$MEM_PER_WORKER" --time="$TIME"
-      --job-name="cnnexp-$SWEEP" --output="outputs/slurm/%x-%A_%a.out" --parsable)
+      --job-name="cnnexp-$name" --output="outputs/slurm/%x-%A_%a.out" --parsable)
 [ "$GPUS_PER_WORKER" -gt 0 ] && args+=(--gpus-per-task="$GPUS_PER_WORKER")
 [ -n "$PARTITION" ] && args+=(--partition="$PARTITION")
 exec sbatch "${args[@]}" "$@" sweeps/slurm/sweep_array.sbatch

@@ -1,0 +1,286 @@
+"""Benchmarks, side by side in one process: `make bench` (or `python -m cnnexp.bench [--tiny]`).
+
+1. training throughput: a bare `model.fit` on NumPy arrays (the notebook) vs `cnnexp.run`
+   with MLflow on, and each training option on its own;
+2. per-trial overhead: a sweep of K trials vs K bare fits of the same configurations;
+3. pruning efficiency: the same sweep with and without the pruner;
+4. memory: resident memory over 20 consecutive trials;
+5. data: loading CIFAR-10 from the image folder cold and from the cache.
+
+Every figure is a median of repeats. Writes outputs/bench/report.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from cnnexp import PROJECT_ROOT, runtime
+
+SHARED_CIFAR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+SIZES = {  # (train images, test images, epochs, repeats, width, trials for the sweep parts)
+    "full": {"train": 3000, "test": 1000, "epochs": 3, "repeats": 3, "width": 1.0, "sweep_trials": 6,
+             "sweep_width": 0.25, "sweep_train": 3000, "memory_trials": 20},
+    "tiny": {"train": 400, "test": 200, "epochs": 2, "repeats": 1, "width": 0.125, "sweep_trials": 1,
+             "sweep_width": 0.125, "sweep_train": 400, "memory_trials": 2},
+}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def machine() -> dict:
+    k = runtime.keras()
+    info = {"cpu": runtime.cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "keras": k.__version__, "backend": k.backend.backend(), "device": runtime.device_description()}
+    if k.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        build = tf.sysconfig.get_build_info()
+        info["tensorflow"] = f"{tf.__version__} (cuda: {build.get('is_cuda_build', False)})"
+    return info
+
+
+def base_overrides(size: dict, tmp: Path, width: float | None = None, train: int | None = None) -> list[str]:
+    return [
+        "dataset=folder", f"dataset.path={SHARED_CIFAR}", f"dataset.train_limit={train or size['train']}",
+        f"dataset.test_limit={size['test']}", f"+width={width or size['width']}", f"train.epochs={size['epochs']}",
+        "train.verbose=0", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.artifact_root={tmp / 'mlartifacts'}", "tracking.log_model=false",
+    ]
+
+
+def bare_fit(cfg, callbacks=()) -> dict:
+    """What the notebook does: build, compile with defaults, model.fit on NumPy arrays, evaluate."""
+    from cnnexp.model import build_model
+    from cnnexp.run import prepare
+    from cnnexp.train import epoch_timer, make_optimizer
+
+    layers, data = prepare(cfg)
+    k = runtime.keras()
+    k.backend.clear_session()
+    k.utils.set_random_seed(int(cfg.train.seed))
+    model = build_model(layers, data.input_shape, data.num_classes, cfg.model.padding)
+    model.compile(optimizer=make_optimizer(cfg.train), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    timer = epoch_timer()
+    began = time.perf_counter()
+    history = model.fit(data.x_train, data.y_train, batch_size=int(cfg.train.batch_size),
+                        epochs=int(cfg.train.epochs), validation_data=(data.x_val, data.y_val),
+                        callbacks=[timer, *callbacks], verbose=0)
+    model.evaluate(data.x_test, data.y_test, verbose=0)
+    return {"images_per_second": timer.images_per_second(len(data.y_train)),
+            "seconds": time.perf_counter() - began, "val_accuracy": history.history["val_accuracy"][-1],
+            "epochs": len(history.history["loss"])}
+
+
+def median_of(fn, repeats: int) -> tuple[float, list[float]]:
+    values = [fn() for _ in range(repeats)]
+    return statistics.median(values), values
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def bench_throughput(size: dict, tmp: Path) -> dict:
+    from cnnexp.config import compose_config
+    from cnnexp.run import run
+
+    overrides = base_overrides(size, tmp)
+    variants = {
+        "cnnexp.run (defaults)": [],
+        "cnnexp.run pipeline=numpy": ["train.pipeline=numpy"],
+        "cnnexp.run jit_compile=false": ["train.jit_compile=false"],
+        "cnnexp.run jit_compile=true": ["train.jit_compile=true"],
+        "cnnexp.run steps_per_execution=1": ["train.steps_per_execution=1"],
+    }
+    rows = {}
+    bare = lambda: bare_fit(compose_config(overrides))["images_per_second"]  # noqa: E731
+    for name, extra in [("bare model.fit (NumPy)", None), *variants.items()]:
+        if extra is None:
+            fn = bare
+        else:
+            cfg = compose_config([*overrides, *extra])
+            fn = lambda cfg=cfg, extra=extra: run(cfg, overrides=[*overrides, *extra])["images_per_second"]  # noqa: E731
+        rows[name] = median_of(fn, size["repeats"])
+    baseline = rows["bare model.fit (NumPy)"][0]
+    return {name: {"images_per_second": round(value, 1), "runs": [round(v, 1) for v in values],
+                   "ratio_vs_bare": round(value / baseline, 3)} for name, (value, values) in rows.items()}
+
+
+def _sweep_file(tmp: Path, size: dict, name: str, pruner: dict, trials: int, params: dict) -> Path:
+    doc = {
+        "overrides": base_overrides(size, tmp, width=size["sweep_width"], train=size["sweep_train"]),
+        "sweep": {"n_trials": trials, "storage": f"sqlite:///{tmp / 'studies.db'}", "study_name": name,
+                  "sampler": {"name": "tpe", "seed": 0}, "pruner": pruner, "estimate": False,
+                  "output_dir": str(tmp / "out"), "log_models": "none"},
+        "params": params,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def bench_trial_overhead(size: dict, tmp: Path) -> dict:
+    """K sweep trials vs K bare fits of exactly the trials' configurations."""
+    from cnnexp import sweep
+    from cnnexp.config import compose_config
+
+    k = size["sweep_trials"]
+    path = _sweep_file(tmp, size, "overhead", {"name": "none"}, k, {"kernel": "choice(3,5)"})
+    loaded = sweep.load_sweep(str(path))
+    compose_config(loaded.overrides)  # warm Hydra
+    began = time.perf_counter()
+    study = sweep.optimize(loaded, show_progress=False)
+    sweep_seconds = time.perf_counter() - began
+    trial_seconds = [t.duration.total_seconds() for t in study.trials]
+    began = time.perf_counter()
+    for trial in study.trials:
+        bare_fit(compose_config(trial.user_attrs["overrides"]))
+    bare_seconds = time.perf_counter() - began
+    per_trial = (sweep_seconds - bare_seconds) / k
+    return {"trials": k, "sweep_seconds": round(sweep_seconds, 2), "bare_seconds": round(bare_seconds, 2),
+            "overhead_per_trial_s": round(per_trial, 3),
+            "overhead_percent": round(100 * per_trial / (bare_seconds / k), 2),
+            "median_trial_seconds": round(statistics.median(trial_seconds), 2)}
+
+
+def bench_pruning(size: dict, tmp: Path) -> dict:
+    from cnnexp import sweep
+
+    params = {"kernel": "choice(2,3,5,7)", "train.lr": "tag(log, interval(0.001, 0.3))"}
+    out = {}
+    for label, pruner in (("without pruner", {"name": "none"}),
+                          ("median pruner", {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0})):
+        path = _sweep_file(tmp, size, f"pruning-{pruner['name']}", pruner, size["sweep_trials"] + 2, params)
+        study = sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
+        epochs = sum(len(t.intermediate_values) for t in study.trials)
+        best = max((t.value for t in study.trials if t.value is not None), default=float("nan"))
+        out[label] = {"epochs": epochs, "best_val_accuracy": round(best, 4),
+                      "pruned": sum(t.state.name == "PRUNED" for t in study.trials)}
+    without, with_ = out["without pruner"], out["median pruner"]
+    out["epochs_saved_percent"] = round(100 * (1 - with_["epochs"] / without["epochs"]), 1)
+    out["best_accuracy_change_points"] = round(100 * (with_["best_val_accuracy"] - without["best_val_accuracy"]), 2)
+    return out
+
+
+def bench_memory(size: dict, tmp: Path) -> dict:
+    from cnnexp import sweep
+
+    n = size["memory_trials"]
+    path = _sweep_file(tmp, size, "memory", {"name": "none"}, n, {"kernel": "choice(2,3,4,5,6,7)"})
+    loaded = sweep.load_sweep(str(path))
+    samples = []
+    real_run_trial = sweep.run_trial
+
+    def measured(*args, **kwargs):
+        frozen = real_run_trial(*args, **kwargs)
+        samples.append(rss_mb())
+        return frozen
+
+    sweep.run_trial = measured
+    try:
+        sweep.optimize(loaded, show_progress=False)
+    finally:
+        sweep.run_trial = real_run_trial
+    settle = min(2, len(samples) - 1)  # the first trials fill allocator pools and caches
+    return {"trials": n, "rss_mb_after_each": [round(v) for v in samples],
+            "growth_mb_after_warmup": round(samples[-1] - samples[settle], 1),
+            "peak_mb": round(max(samples))}
+
+
+def bench_data(size: dict, tmp: Path) -> dict:
+    from cnnexp import data
+    from cnnexp.config import compose_config
+
+    cfg = compose_config(["dataset=folder", f"dataset.path={SHARED_CIFAR}", f"dataset.cache_dir={tmp / 'cache'}"])
+    began = time.perf_counter()
+    raw = data.load_raw(cfg.dataset)
+    cold = time.perf_counter() - began
+
+    def cached():
+        began = time.perf_counter()
+        data.load_raw(cfg.dataset)
+        return time.perf_counter() - began
+
+    warm, values = median_of(cached, 3)
+    return {"images": len(raw.y_train) + len(raw.y_test), "cold_seconds": round(cold, 2),
+            "cached_seconds": round(warm, 3), "speedup": round(cold / warm, 1)}
+
+
+def to_markdown(report: dict) -> str:
+    lines = ["# cnnexp benchmarks", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()),
+             f"Size: {report['size']}", ""]
+    t = report["throughput"]
+    lines += ["## 1. Training throughput (images/s, median of repeats; target: cnnexp.run >= 1.0x bare)", "",
+              "| variant | images/s | ratio vs bare | runs |", "|---|---:|---:|---|"]
+    lines += [f"| {k} | {v['images_per_second']} | {v['ratio_vs_bare']} | {v['runs']} |" for k, v in t.items()]
+    o = report["trial_overhead"]
+    lines += ["", "## 2. Per-trial overhead (target: <= 2% and < 1 s per trial)", "",
+              f"{o['trials']} sweep trials in {o['sweep_seconds']} s vs the same {o['trials']} bare fits in "
+              f"{o['bare_seconds']} s: **{o['overhead_per_trial_s']} s per trial, {o['overhead_percent']}%**."]
+    p = report["pruning"]
+    lines += ["", "## 3. Pruning (target: >= 40% fewer epochs for <= 0.5 points of best accuracy)", "",
+              "| sweep | epochs | pruned | best val_accuracy |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {v['epochs']} | {v['pruned']} | {v['best_val_accuracy']} |"
+              for k, v in p.items() if isinstance(v, dict)]
+    lines += ["", f"Epochs saved: **{p['epochs_saved_percent']}%**, best accuracy change: "
+              f"**{p['best_accuracy_change_points']} points**."]
+    m = report["memory"]
+    lines += ["", "## 4. Memory over consecutive trials (target: growth <= 100 MB)", "",
+              f"RSS after each of {m['trials']} trials (MB): {m['rss_mb_after_each']}; growth after warm-up "
+              f"**{m['growth_mb_after_warmup']} MB**, peak {m['peak_mb']} MB."]
+    d = report["data"]
+    lines += ["", "## 5. Data: CIFAR-10 image folder, cold vs cached", "",
+              f"{d['images']} images: cold (extract + decode) **{d['cold_seconds']} s**, from the cache "
+              f"**{d['cached_seconds']} s** ({d['speedup']}x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cnnexp.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long configuration (for tests)")
+    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--only", nargs="*", choices=["throughput", "trial_overhead", "pruning", "memory", "data"])
+    args = parser.parse_args(argv)
+    if not SHARED_CIFAR.exists():
+        print(f"error: the benchmarks read {SHARED_CIFAR}; it is not there.")
+        return 2
+    size = SIZES["tiny" if args.tiny else "full"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine(), "size": "tiny" if args.tiny else "full"}
+    parts = {"throughput": bench_throughput, "trial_overhead": bench_trial_overhead, "pruning": bench_pruning,
+             "memory": bench_memory, "data": bench_data}
+    with tempfile.TemporaryDirectory(prefix="cnnexp-bench-") as tmp:
+        for name, fn in parts.items():
+            if args.only and name not in args.only:
+                continue
+            began = time.perf_counter()
+            folder = Path(tmp) / name
+            folder.mkdir()
+            report[name] = fn(size, folder)
+            print(f"{name}: {json.dumps(report[name])} ({time.perf_counter() - began:.0f} s)", flush=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not args.only:
+        (out / "report.md").write_text(to_markdown(report))
+        print(to_markdown(report))
+    print(f"Written: {out / 'report.json'}" + ("" if args.only else f", {out / 'report.md'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
