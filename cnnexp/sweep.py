@@ -120,7 +120,7 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
         if text.startswith("sweep."):
             key, _, value = text.partition("=")
             try:
-                OmegaConf.update(merged, key, OmegaConf.create({"v": _yaml_value(value)}).v, merge=True)
+                OmegaConf.update(merged, key, _yaml_value(value), merge=False)
             except Exception as err:  # noqa: BLE001
                 raise ConfigError(f"Unknown sweep setting {key!r}: {err}") from err
             continue

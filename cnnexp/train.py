@@ -141,8 +141,13 @@ def make_optimizer(train_cfg):
     return getattr(k.optimizers, OPTIMIZERS[train_cfg.optimizer])(**kwargs)
 
 
+# The cross-entropy of a softmax is at most about 16 per image (probabilities are clipped at
+# 1e-7); a mean loss beyond this has blown up numerically even when it is still finite.
+DIVERGED_LOSS = 1e4
+
+
 def _nan_guard():
-    """A callback that stops at the first epoch whose loss is NaN or infinite, saying why.
+    """A callback that stops at the first epoch whose loss is NaN, infinite or blown up, saying why.
 
     Built on demand so that importing this module (to validate a config) does not import Keras.
     """
@@ -152,8 +157,13 @@ def _nan_guard():
 
         def on_epoch_end(self, epoch, logs=None):
             loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(float(loss)):
+            if loss is None:
+                return
+            if not math.isfinite(float(loss)):
                 self.reason = f"loss became {float(loss)} in epoch {epoch + 1}"
+            elif float(loss) > DIVERGED_LOSS:
+                self.reason = f"loss diverged to {float(loss):.3g} in epoch {epoch + 1}"
+            if self.reason:
                 self.model.stop_training = True
 
     return StopOnNonFiniteLoss()
