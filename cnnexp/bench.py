@@ -5,7 +5,8 @@
 2. per-trial overhead: a sweep of K trials vs K bare fits of the same configurations;
 3. pruning efficiency: the same sweep with and without the pruner;
 4. memory: resident memory over 20 consecutive trials;
-5. data: loading CIFAR-10 from the image folder cold and from the cache.
+5. workers: the same sweep with 1, 2 and 4 local worker processes;
+6. data: loading CIFAR-10 from the image folder cold and from the cache.
 
 Every figure is a median of repeats. Writes outputs/bench/report.{md,json}.
 """
@@ -28,7 +29,7 @@ from cnnexp import PROJECT_ROOT, runtime
 SHARED_CIFAR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 SIZES = {  # (train images, test images, epochs, repeats, width, trials for the sweep parts)
-    "full": {"train": 3000, "test": 1000, "epochs": 3, "repeats": 3, "width": 1.0, "sweep_trials": 6,
+    "full": {"train": 2000, "test": 1000, "epochs": 3, "repeats": 3, "width": 1.0, "sweep_trials": 4,
              "sweep_width": 0.25, "sweep_train": 3000, "memory_trials": 20},
     "tiny": {"train": 400, "test": 200, "epochs": 2, "repeats": 1, "width": 0.125, "sweep_trials": 1,
              "sweep_width": 0.125, "sweep_train": 400, "memory_trials": 2},
@@ -202,6 +203,31 @@ def bench_memory(size: dict, tmp: Path) -> dict:
             "peak_mb": round(max(samples))}
 
 
+def bench_workers(size: dict, tmp: Path) -> dict:
+    """The same sweep with 1, 2 and 4 local worker processes (process start and TF import included)."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    counts = (1, 2) if size["sweep_trials"] < 4 else (1, 2, 4)
+    trials = 2 * size["sweep_trials"]
+    out = {}
+    for workers in counts:
+        folder = tmp / f"w{workers}"
+        folder.mkdir()
+        path = _sweep_file(folder, size, "workers", {"name": "none"}, trials, {"kernel": "choice(2,3,4,5)"})
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "cnnexp.sweep", "--sweep", str(path), "--no-report",
+                        f"sweep.workers={workers}"], check=True, cwd=folder, capture_output=True)
+        wall = time.perf_counter() - began
+        study = optuna.load_study(study_name="workers", storage=f"sqlite:///{folder / 'studies.db'}")
+        complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+        out[str(workers)] = {"trials": len(study.trials), "complete": complete, "wall_seconds": round(wall, 1),
+                             "trials_per_hour": round(3600 * complete / wall, 1)}
+    return out
+
+
 def bench_data(size: dict, tmp: Path) -> dict:
     from cnnexp import data
     from cnnexp.config import compose_config
@@ -243,8 +269,12 @@ def to_markdown(report: dict) -> str:
     lines += ["", "## 4. Memory over consecutive trials (target: growth <= 100 MB)", "",
               f"RSS after each of {m['trials']} trials (MB): {m['rss_mb_after_each']}; growth after warm-up "
               f"**{m['growth_mb_after_warmup']} MB**, peak {m['peak_mb']} MB."]
+    w = report["workers"]
+    lines += ["", f"## 5. Local workers on one study ({runtime.device_description()}; SQLite storage)", "",
+              "| workers | trials | wall (s) | trials/hour |", "|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {v['complete']}/{v['trials']} | {v['wall_seconds']} | {v['trials_per_hour']} |" for k, v in w.items()]
     d = report["data"]
-    lines += ["", "## 5. Data: CIFAR-10 image folder, cold vs cached", "",
+    lines += ["", "## 6. Data: CIFAR-10 image folder, cold vs cached", "",
               f"{d['images']} images: cold (extract + decode) **{d['cold_seconds']} s**, from the cache "
               f"**{d['cached_seconds']} s** ({d['speedup']}x)."]
     return "\n".join(lines) + "\n"
@@ -254,7 +284,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cnnexp.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a seconds-long configuration (for tests)")
     parser.add_argument("--out", default="outputs/bench")
-    parser.add_argument("--only", nargs="*", choices=["throughput", "trial_overhead", "pruning", "memory", "data"])
+    parser.add_argument("--only", nargs="*",
+                        choices=["throughput", "trial_overhead", "pruning", "memory", "workers", "data"])
     args = parser.parse_args(argv)
     if not SHARED_CIFAR.exists():
         print(f"error: the benchmarks read {SHARED_CIFAR}; it is not there.")
@@ -264,7 +295,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "size": "tiny" if args.tiny else "full"}
     parts = {"throughput": bench_throughput, "trial_overhead": bench_trial_overhead, "pruning": bench_pruning,
-             "memory": bench_memory, "data": bench_data}
+             "memory": bench_memory, "workers": bench_workers, "data": bench_data}
     with tempfile.TemporaryDirectory(prefix="cnnexp-bench-") as tmp:
         for name, fn in parts.items():
             if args.only and name not in args.only:

@@ -326,8 +326,6 @@ def _epoch_callback(trial: optuna.Trial, metric: str, bar):
     keras = runtime.keras()
 
     class ReportAndPrune(keras.callbacks.Callback):
-        pruned_at: int | None = None
-
         def on_epoch_end(self, epoch, logs=None):
             value = (logs or {}).get(metric)
             if value is None:
@@ -338,7 +336,6 @@ def _epoch_callback(trial: optuna.Trial, metric: str, bar):
                 return  # the NaN guard in train fails the trial with the reason
             trial.report(float(value), step=epoch)
             if trial.should_prune():
-                self.pruned_at = epoch + 1
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} ({metric}={value:.4f})")
 
     return ReportAndPrune()
