@@ -11,6 +11,15 @@ ARGS    ?=
 PORT    ?= 5000
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 PYTEST_ARGS ?=
+# `make sweep` on CIFAR-10: the standard archive staged in the Keras cache if it is there,
+# else the image-folder copy in ../shared/data (mnist sweeps are left alone).
+CIFAR10_FOLDER ?= $(firstword $(wildcard ../shared/data/cifar10-jpeg.tar.gz))
+STANDARD_CIFAR10 := $(wildcard $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/cifar-10-*)
+ifeq ($(STANDARD_CIFAR10)$(filter mnist,$(SWEEP)),)
+ifneq ($(CIFAR10_FOLDER),)
+SWEEP_DATA := dataset=folder dataset.path=$(abspath $(CIFAR10_FOLDER))
+endif
+endif
 MLFLOW_SERVER_STORE ?= sqlite:///mlflow-server.db
 MLFLOW_SERVER_ARTIFACTS ?= mlartifacts-server
 
@@ -32,7 +41,7 @@ run: install ## One experiment, e.g. make run ARGS='+kernel=7 train.epochs=1'
 	$(PY) -m cnnexp.run $(ARGS)
 
 sweep: install ## The main job: an Optuna study from sweeps/$(SWEEP).yaml, e.g. make sweep SWEEP=quick
-	$(PY) -m cnnexp.sweep --sweep $(SWEEP) sweep.workers=$(WORKERS) $(ARGS)
+	$(PY) -m cnnexp.sweep --sweep $(SWEEP) sweep.workers=$(WORKERS) $(SWEEP_DATA) $(ARGS)
 
 report: install ## Tables and plots for a study: make report SWEEP=quick
 	$(PY) -m cnnexp.report $(SWEEP) $(ARGS)

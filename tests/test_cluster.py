@@ -93,6 +93,20 @@ def test_local_workers_share_one_study_exactly(tmp_path):
     assert (tmp_path / "out" / "tiny" / "summary.md").exists()
 
 
+def test_two_workers_on_a_journal_file(tmp_path):
+    """Optuna's journal file storage, for a shared file system without a database server."""
+    path = write_sweep(tmp_path, {"kernel": "choice(2,3,4)"}, settings={
+        "n_trials": 3, "storage": f"journal://{tmp_path / 'study.log'}"})
+    proc = subprocess.run([sys.executable, "-m", "cnnexp.sweep", "--sweep", str(path), "sweep.workers=2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    s = sweep.load_sweep(str(path))
+    study = optuna.load_study(study_name="tiny", storage=sweep.make_storage(str(s.settings.storage), s.settings))
+    assert sorted(t.number for t in study.trials) == [0, 1, 2]
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert_optuna_and_mlflow_agree(study, tmp_path)
+
+
 @pytest.fixture
 def postgres_url():
     url = os.environ.get("CNNEXP_TEST_POSTGRES_URL")
