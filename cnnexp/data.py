@@ -473,9 +473,13 @@ def _decode_images(files: list[Path], height: int, width: int, channels: int) ->
 
     out = np.empty((len(files), height, width, channels), np.uint8)
     # Pillow releases the GIL while decoding, so threads use every core.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for i, pixels in enumerate(pool.map(decode, files, chunksize=256)):
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+    try:
+        for i, pixels in enumerate(pool.map(decode, files)):
             out[i] = pixels.reshape(height, width, channels)
+    finally:
+        # On Ctrl-C or SIGTERM, drop the queued images instead of decoding them all first.
+        pool.shutdown(wait=False, cancel_futures=True)
     return out
 
 

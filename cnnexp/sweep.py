@@ -316,7 +316,13 @@ class _Interrupted(KeyboardInterrupt):
     """SIGTERM (scancel, Kubernetes) handled like Ctrl-C: mark the trial, close the runs, exit."""
 
 
+# Set by SIGTERM. Raising from the handler can land inside library code that swallows it, so
+# the flag is also checked at every batch end and before every trial.
+_STOP_REQUESTED = threading.Event()
+
+
 def _on_sigterm(signum, frame):
+    _STOP_REQUESTED.set()
     raise _Interrupted(f"signal {signum}")
 
 
@@ -329,6 +335,10 @@ def _epoch_callback(trial: optuna.Trial, metric: str, bar):
     keras = runtime.keras()
 
     class ReportAndPrune(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if _STOP_REQUESTED.is_set():
+                raise _Interrupted("SIGTERM")
+
         def on_epoch_end(self, epoch, logs=None):
             value = (logs or {}).get(metric)
             if value is None:
@@ -560,11 +570,14 @@ def optimize(sweep: Sweep, show_progress: bool = True, recycle_after: int | None
     bar = tqdm(total=total, initial=min(count_trials(study), total), desc=settings.study_name, unit="trial",
                disable=not show_progress, dynamic_ncols=True)
     waited, ran = False, 0
+    _STOP_REQUESTED.clear()
     try:
         while True:
             if settings.timeout and time.monotonic() - start > float(settings.timeout):
                 bar.write(f"sweep.timeout={settings.timeout}s reached; rerun to continue the study.")
                 break
+            if _STOP_REQUESTED.is_set():
+                raise _Interrupted("SIGTERM")
             trial = _next_trial(study, total, str(settings.storage))
             if trial is None:
                 break
