@@ -72,4 +72,4 @@ lint: install ## ruff
 	$(VENV)/bin/ruff check cnnexp tests
 
 clean: ## Remove outputs, local stores and caches (not the virtualenv, not staged data)
-	rm -rf outputs multirun mlruns mlartifacts mlartifacts-server mlflow.db mlflow-server.db studies.db studies.db.lock .pytest_cache .ruff_cache
+	rm -rf outputs multirun mlruns mlartifacts mlartifacts-server mlflow.db mlflow-server.db studies.db studies.db.cnnexp-lock .pytest_cache .ruff_cache

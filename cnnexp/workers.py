@@ -28,7 +28,8 @@ def trial_slot_lock(storage_url: str):
     """
     if storage_url.startswith(("sqlite:///", "journal:")):
         path = storage_url.removeprefix("sqlite:///").removeprefix("journal:").removeprefix("//")
-        lock_path = Path(path).with_name(Path(path).name + ".lock")
+        # Not "<file>.lock": Optuna's journal backend keeps its own lock under that name.
+        lock_path = Path(path).with_name(Path(path).name + ".cnnexp-lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
