@@ -348,7 +348,8 @@ def _epoch_callback(trial: optuna.Trial, metric: str, bar):
             if not math.isfinite(float(value)):
                 return  # the NaN guard in train fails the trial with the reason
             trial.report(float(value), step=epoch)
-            if trial.should_prune():
+            # Pruning after the last epoch saves nothing and would throw a finished result away.
+            if epoch + 1 < self.params.get("epochs", epoch + 2) and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} ({metric}={value:.4f})")
 
     return ReportAndPrune()
