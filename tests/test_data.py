@@ -136,3 +136,27 @@ def test_too_small_a_subset_for_validation_is_a_clear_error(tmp_path):
     cfg = dataset_cfg(f"dataset.path={archive}", "dataset.train_limit=20")
     with pytest.raises(data.DataError, match="train.val_fraction=0.1 of 20 training images"):
         data.load_dataset(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), 0.1)
+
+
+def test_mnist_npz_and_fashion_mnist_idx_layouts(tmp_path, monkeypatch):
+    import gzip
+
+    rng = np.random.default_rng(0)
+    home = tmp_path / "home" / "datasets"
+    home.mkdir(parents=True)
+    x_train, x_test = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    y_train, y_test = np.arange(60) % 10, np.arange(20) % 10
+    np.savez(home / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    fashion = home / "fashion-mnist"
+    fashion.mkdir()
+    for stem, header, array in [("train-images-idx3-ubyte", 16, x_train), ("train-labels-idx1-ubyte", 8, y_train),
+                                ("t10k-images-idx3-ubyte", 16, x_test), ("t10k-labels-idx1-ubyte", 8, y_test)]:
+        with gzip.open(fashion / f"{stem}.gz", "wb") as handle:
+            handle.write(b"\0" * header + array.astype(np.uint8).tobytes())
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
+    for name in ("mnist", "fashion_mnist"):
+        ds = data.load_dataset(dataset_cfg(f"dataset={name}", "dataset.download=false",
+                                           f"dataset.cache_dir={tmp_path / 'cache'}"), val_fraction=0.5)
+        assert ds.input_shape == (28, 28, 1) and len(ds.y_train) == 30 and len(ds.y_test) == 20
+        assert np.array_equal(np.sort(ds.x_test.reshape(20, -1).sum(1)),
+                              np.sort((x_test / 255).astype(np.float32).reshape(20, -1).sum(1)))
