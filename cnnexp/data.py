@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import logging
 import os
 import pickle
@@ -532,7 +531,5 @@ def _check_member(archive: Path, name: str, root: Path, is_link: bool, is_specia
 
 def describe(data: Dataset) -> str:
     """One line for logs: sizes of the splits and the image shape."""
-    buf = io.StringIO()
-    buf.write(f"{len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test images")
-    buf.write(f" of {'x'.join(map(str, data.input_shape))}, {data.num_classes} classes")
-    return buf.getvalue()
+    return (f"{len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test images "
+            f"of {'x'.join(map(str, data.input_shape))}, {data.num_classes} classes")
