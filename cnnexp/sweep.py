@@ -389,7 +389,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, parent_run
     except optuna.TrialPruned as err:
         state, error = optuna.trial.TrialState.PRUNED, str(err)
     except KeyboardInterrupt as err:
-        error = f"interrupted ({err or 'Ctrl-C'}); rerun the sweep to resume"
+        error = f"interrupted ({str(err) or 'Ctrl-C'}); rerun the sweep to resume"
         _finish(study, trial, state, None, error, child, settings)
         raise
     except Exception as err:  # noqa: BLE001 - a failing trial never kills the sweep
