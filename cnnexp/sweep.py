@@ -79,8 +79,8 @@ class Sweep:
     settings: DictConfig
     space: dict[str, object]            # override key -> Hydra sweep object (ChoiceSweep, ...)
     overrides: list[str]                # fixed overrides, shared by every trial
+    base: DictConfig                    # the config every trial starts from (fixed overrides applied)
     add_keys: set[str] = field(default_factory=set)  # keys that need '+' (not in the config)
-    name: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
     # Which searched keys need '+': those the composed config does not have (the shortcuts).
     base_cfg = compose_config(fixed)
     add_keys = {key for key in space if OmegaConf.select(base_cfg, key, default="__absent__") == "__absent__"}
-    return Sweep(settings=settings, space=space, overrides=fixed, add_keys=add_keys, name=path.stem)
+    return Sweep(settings=settings, space=space, overrides=fixed, base=base_cfg, add_keys=add_keys)
 
 
 def _yaml_value(text: str):
@@ -445,11 +445,10 @@ def _finish(study, trial, state, value, error, child, settings):
 def _start_child(sweep, trial, parent_run_id, tags) -> str | None:
     if parent_run_id is None:
         return None
-    cfg = compose_config(sweep.overrides)
     with tracking_errors_as_warnings():
         from mlflow import MlflowClient
 
-        experiment_id = tracking.configure(cfg.tracking)
+        experiment_id = tracking.configure(sweep.base.tracking)
         created = MlflowClient().create_run(
             experiment_id, run_name=f"trial-{trial.number}", tags={"mlflow.parentRunId": parent_run_id, **{
                 k: str(v) for k, v in tags.items()}},
@@ -477,13 +476,12 @@ def parent_run(sweep: Sweep, known_id: str | None = None) -> str | None:
     Args:
         known_id: the parent recorded in the study's attributes by an earlier run or worker.
     """
-    cfg = compose_config(sweep.overrides)
-    if not cfg.tracking.enabled:
+    if not sweep.base.tracking.enabled:
         return None
     with tracking_errors_as_warnings():
         from mlflow import MlflowClient
 
-        experiment_id = tracking.configure(cfg.tracking)
+        experiment_id = tracking.configure(sweep.base.tracking)
         client = MlflowClient()
         name = sweep.settings.study_name
         if known_id:
@@ -655,10 +653,9 @@ def run_repeats(sweep: Sweep, study: optuna.Study, parent: str | None, bar) -> o
         study_name=f"{settings.study_name}.repeats", storage=make_storage(str(settings.storage), settings),
         direction=str(settings.direction), load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0),
     )
-    base_cfg = compose_config(sweep.overrides)
     for source in top:
         for r in range(1, int(settings.repeats) + 1):
-            seed = int(base_cfg.train.seed) + 1000 * r
+            seed = int(sweep.base.train.seed) + 1000 * r
             repeat_study.enqueue_trial(source.params, user_attrs={"repeat_of": source.number, "seed": seed},
                                        skip_if_exists=True)
     # Fixed params: the enqueued trials carry the configuration; the seed comes from the attrs.
@@ -689,7 +686,7 @@ def estimate(sweep: Sweep) -> str | None:
     from cnnexp.run import prepare
     from cnnexp.train import make_optimizer
 
-    cfg = compose_config(sweep.overrides)
+    cfg = sweep.base
     layers, dataset = prepare(cfg)
     keras = runtime.keras()
     model = build_model(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding)
@@ -705,7 +702,6 @@ def estimate(sweep: Sweep) -> str | None:
     epochs = _max_epochs(sweep, cfg)
     images = len(dataset.y_train) * epochs * int(sweep.settings.n_trials)
     minutes = images * per_image * 1.3 / 60  # +30% for validation and evaluation
-    del layers, model
     return (f"No GPU found ({runtime.device_description()}): up to {sweep.settings.n_trials} trials x "
             f"{epochs} epochs x {len(dataset.y_train)} images at ~{1 / per_image:.0f} images/s of the base "
             f"model = roughly {minutes:.1f} min of training (pruning and other architectures change this). "
@@ -755,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecycleProcess:
         # Same command, same process id (Slurm, Kubernetes and sweep.workers keep tracking it).
         print(f"Restarting this worker after {sweep.settings.recycle_after} trials to free memory.", flush=True)
-        os.environ["CNNEXP_WORKER"] = os.environ.get("CNNEXP_WORKER", "0")
+        os.environ.setdefault("CNNEXP_WORKER", "0")  # the restarted process skips the estimate
         os.execv(sys.executable, [sys.executable, "-m", "cnnexp.sweep", *sys.argv[1:]])
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

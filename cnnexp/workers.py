@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
@@ -87,18 +86,11 @@ def worker_env(index: int, gpus: list[str]) -> dict[str, str]:
 
 def run_workers(sweep, args) -> int:
     """Start `sweep.workers` worker processes on the study, wait for them, then report."""
-    from cnnexp.sweep import finish, open_study, parent_run
+    from cnnexp.sweep import finish, open_study
 
     settings = sweep.settings
     count = int(settings.workers)
-    # Create the study and the MLflow parent run once, here, before any worker starts.
-    study = open_study(sweep)
-    parent = parent_run(sweep)
-    if parent:
-        import mlflow
-
-        study.set_user_attr("mlflow_parent_run_id", parent)
-        study.set_user_attr("mlflow_tracking_uri", mlflow.get_tracking_uri())
+    # The workers create (or find) the study and its MLflow parent run under the trial-slot lock.
     gpus = visible_gpus()
     print(f"Starting {count} workers on study {settings.study_name!r} ({settings.storage})"
           + (f", GPUs {gpus}" if gpus else ", no GPU") + ".", flush=True)
@@ -120,5 +112,4 @@ def run_workers(sweep, args) -> int:
     if any(code in (130, -signal.SIGTERM) for code in codes):
         print("Workers were interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
-    time.sleep(0)  # the workers' last writes are committed: they have exited
     return finish(sweep, open_study(sweep), report=not args.no_report)
