@@ -1,0 +1,152 @@
+"""The standard dataset formats, as Keras stores them: CIFAR-10 python batches, mnist.npz, idx .gz files.
+
+Promises: every reader returns a `RawDataset` or raises one `DataError` naming the file.
+Refuses: CIFAR-10 batches are pickles, so they are read with an unpickler that can build only
+dicts, lists, ints, bytes and numpy arrays; a batch that asks for any other global (`os.system`,
+`builtins.eval`, ...) is refused before any of it is used, naming the file and the global. Nothing
+here uses pickle's own load functions or lets np.load unpickle.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from cnnexp.errors import DataError
+from cnnexp.raw import RawDataset
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+_BATCH_NAMES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+_MAX_BATCH_BYTES = 256 << 20  # a real batch is 31 MB
+# What numpy arrays need to be rebuilt from a pickle, as Python 2 (the published files) or numpy 1
+# and numpy 2 write them (protocol 5 uses _frombuffer); the same set keras.datasets.cifar10 allows.
+_ALLOWED_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+})
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Builds plain containers and numpy arrays; refuses every other global, naming it."""
+
+    def __init__(self, blob: bytes, where: str):
+        super().__init__(io.BytesIO(blob), encoding="bytes")  # Python 2 str -> bytes, as published
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise DataError(
+            f"Refusing to load {self.where}: it asks to run {module}.{name}, which a CIFAR-10 batch never does; "
+            "the file is damaged or malicious. Delete it and stage cifar-10-python.tar.gz from "
+            "https://www.cs.toronto.edu/~kriz/cifar.html."
+        )
+
+
+def read_cifar10(source: Path) -> RawDataset:
+    """The standard CIFAR-10 python layout, from its .tar.gz or its extracted folder.
+
+    Archive members are read in memory; nothing is written to disk.
+    """
+    batches: dict[str, bytes] = {}
+    if source.is_dir():
+        for name in _BATCH_NAMES:
+            if (source / name).is_file():
+                batches[name] = (source / name).read_bytes()
+    else:
+        try:
+            with tarfile.open(source) as archive:
+                for member in archive:
+                    base = PurePosixPath(member.name).name
+                    if member.isfile() and base in _BATCH_NAMES:
+                        if member.size > _MAX_BATCH_BYTES:
+                            raise DataError(f"{source}:{member.name} is {member.size} bytes; a CIFAR-10 batch is "
+                                            "31 MB. Stage the published cifar-10-python.tar.gz.")
+                        batches[base] = archive.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DataError(f"{source} is not a readable .tar.gz ({err}); stage cifar-10-python.tar.gz again.") from err
+    if not any(name.startswith("data_batch_") for name in batches) or "test_batch" not in batches:
+        raise DataError(
+            f"{source} is not in the CIFAR-10 python layout "
+            "(cifar-10-batches-py/data_batch_1..5 and test_batch)."
+        )
+    where = f"{source}:" if source.is_file() else f"{source}/"
+    train = [_read_batch(blob, where + name) for name, blob in sorted(batches.items()) if name != "test_batch"]
+    x_test, y_test = _read_batch(batches["test_batch"], where + "test_batch")
+    return RawDataset(
+        np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+        x_test, y_test, list(CIFAR10_CLASSES), "",
+    )
+
+
+def _read_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One batch: a dict with b"data" uint8 (N, 3072) and b"labels" N ints in 0..9."""
+    try:
+        batch = _BatchUnpickler(blob, where).load()
+    except DataError:
+        raise
+    except Exception as err:  # truncated or not a pickle at all
+        raise DataError(f"{where} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}); "
+                        "stage cifar-10-python.tar.gz again.") from err
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        found = f"{type(data).__name__} {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}".strip()
+        raise DataError(f"{where} is not a CIFAR-10 batch: b'data' should be a uint8 array of shape (N, 3072), "
+                        f"found {found if isinstance(batch, dict) else type(batch).__name__}.")
+    if not isinstance(labels, (list, np.ndarray)) or not all(isinstance(v, (int, np.integer)) for v in labels):
+        raise DataError(f"{where} is not a CIFAR-10 batch: b'labels' should be a list of ints.")
+    y = np.asarray(labels, np.int64)
+    low, high = (int(y.min()), int(y.max())) if len(y) else (0, 0)
+    if y.shape != (len(data),) or low < 0 or high > 9:
+        raise DataError(f"{where} is not a CIFAR-10 batch: {len(y)} labels in {low}..{high} "
+                        f"for {len(data)} images (should be as many, in 0..9).")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y.astype(np.int32)
+
+
+def read_mnist_npz(source: Path) -> RawDataset:
+    """mnist.npz with x_train, y_train, x_test, y_test (plain arrays; pickled objects are refused)."""
+    if source.is_dir():
+        source = source / "mnist.npz"
+    try:
+        with np.load(source, allow_pickle=False) as z:
+            arrays = {key: z[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{source} is not a readable mnist.npz ({type(err).__name__}: {err}).") from err
+    return RawDataset(
+        _nhwc(arrays["x_train"]).astype(np.uint8), arrays["y_train"].astype(np.int32),
+        _nhwc(arrays["x_test"]).astype(np.uint8), arrays["y_test"].astype(np.int32),
+        [str(i) for i in range(10)], "",
+    )
+
+
+def read_idx_folder(source: Path) -> RawDataset:
+    """The four idx .gz files of (Fashion-)MNIST, as Keras stores them."""
+
+    def read(stem: str, offset: int) -> np.ndarray:
+        with gzip.open(source / f"{stem}.gz", "rb") as handle:
+            return np.frombuffer(handle.read(), np.uint8, offset=offset)
+
+    try:
+        x_train = read("train-images-idx3-ubyte", 16).reshape(-1, 28, 28, 1)
+        y_train = read("train-labels-idx1-ubyte", 8).astype(np.int32)
+        x_test = read("t10k-images-idx3-ubyte", 16).reshape(-1, 28, 28, 1)
+        y_test = read("t10k-labels-idx1-ubyte", 8).astype(np.int32)
+    except FileNotFoundError as err:
+        raise DataError(f"{source} lacks {Path(err.filename).name}.") from err
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{source} holds a damaged idx .gz file ({err}).") from err
+    return RawDataset(x_train, y_train, x_test, y_test, list(FASHION_MNIST_CLASSES), "")
+
+
+def _nhwc(x: np.ndarray) -> np.ndarray:
+    return x[..., None] if x.ndim == 3 else x

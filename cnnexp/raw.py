@@ -1,0 +1,107 @@
+"""Decoded datasets as plain arrays, the checks every decoded dataset passes, and seeded subsets.
+
+Promises: a `RawDataset` holds uint8 images (N, H, W, C) and int32 labels in [0, classes), with
+the source's own train/test split; `problem` says in a few words why arrays cannot be the dataset
+they claim to be (wrong shape, labels out of range, an empty class, all-black pixels, the wrong
+labels for the source), so a stale or tampered cache is rebuilt instead of trained on.
+Subsets are stratified and seeded, never "the first N".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnnexp.errors import DataError
+
+
+@dataclass
+class RawDataset:
+    """Decoded, unscaled images (uint8) with the original train/test split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    fingerprint: str
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable image -> why (image folders only)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (no objects), so that the cache never needs pickle."""
+        return {
+            "x_train": self.x_train, "y_train": self.y_train, "x_test": self.x_test, "y_test": self.y_test,
+            "class_names": np.array(self.class_names, dtype=str),
+            "skipped_files": np.array(list(self.skipped), dtype=str),
+            "skipped_reasons": np.array(list(self.skipped.values()), dtype=str),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], fingerprint: str) -> RawDataset:
+        return cls(
+            arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+            [str(c) for c in arrays["class_names"]], fingerprint,
+            dict(zip(map(str, arrays["skipped_files"]), map(str, arrays["skipped_reasons"]))),
+        )
+
+
+def problem(raw: RawDataset, input_shape: tuple[int, int, int], complete: bool = True,
+            expected: tuple[np.ndarray, np.ndarray] | None = None) -> str | None:
+    """Why `raw` cannot be the dataset it claims to be, in a few words; None when it can.
+
+    Args:
+        raw: decoded arrays, fresh or from the cache.
+        input_shape: the (height, width, channels) every image must have.
+        complete: the whole dataset, so every class must have at least one image.
+        expected: the labels the source lists for (train, test), when known.
+    """
+    for split, x, y in (("train", raw.x_train, raw.y_train), ("test", raw.x_test, raw.y_test)):
+        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape):
+            return f"{split} images are {x.dtype} {tuple(x.shape)}, not uint8 (N, {', '.join(map(str, input_shape))})"
+        if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "iu":
+            return f"{len(x)} {split} images but {y.dtype} labels of shape {tuple(y.shape)}"
+        if len(y) and (y.min() < 0 or y.max() >= len(raw.class_names)):
+            return f"{split} labels span {y.min()}..{y.max()} for {len(raw.class_names)} classes"
+    if len(raw.y_train) == 0:
+        return "no training images"
+    if not (raw.x_train.any() or raw.x_test.any()):
+        return "every pixel is 0"
+    if complete:
+        counts = np.bincount(np.concatenate([raw.y_train, raw.y_test]), minlength=len(raw.class_names))
+        if (counts == 0).any():
+            return f"class {raw.class_names[int(np.argmin(counts))]!r} has no images"
+    if expected is not None:
+        for split, y, want in (("train", raw.y_train, expected[0]), ("test", raw.y_test, expected[1])):
+            if not np.array_equal(y, want):
+                return f"{len(y)} {split} labels where the source lists {len(want)} (or other labels)"
+    return None
+
+
+def stratified_sample(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of `n` items drawn at random so that every class keeps its share of `y`."""
+    classes, counts = np.unique(y, return_counts=True)
+    exact = counts * n / len(y)
+    quota = np.floor(exact).astype(int)
+    # Hand the rounding remainder to the classes that lost the most to rounding.
+    quota[np.argsort(quota - exact, kind="stable")[: n - quota.sum()]] += 1
+    picks = [rng.permutation(np.flatnonzero(y == c))[:q] for c, q in zip(classes, quota)]
+    picked = np.concatenate(picks) if picks else np.array([], int)
+    rng.shuffle(picked)
+    return picked
+
+
+def subset_indices(y_train: np.ndarray, y_test: np.ndarray, dataset_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The rows `dataset.train_limit`/`test_limit` pick: one rng from `dataset.subset_seed`, train first."""
+    rng = np.random.default_rng(int(dataset_cfg.subset_seed))
+    train_idx = _limit(y_train, dataset_cfg.train_limit, rng, "dataset.train_limit")
+    test_idx = _limit(y_test, dataset_cfg.test_limit, rng, "dataset.test_limit")
+    return train_idx, test_idx
+
+
+def _limit(y: np.ndarray, limit, rng: np.random.Generator, key: str) -> np.ndarray:
+    if limit is None or int(limit) >= len(y):
+        return rng.permutation(len(y))
+    if int(limit) < 1:
+        raise DataError(f"{key}={limit} must be a positive number of images, or null for all.")
+    return stratified_sample(y, int(limit), rng)
