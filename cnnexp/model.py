@@ -8,10 +8,13 @@ Layer specs come in two spellings, both accepted anywhere a layer list is:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cnnexp.errors import ModelConfigError
 
 ALIASES = {"c": "conv", "m": "pool", "f": "flatten", "d": "dense", "r": "dropout"}
 FIELDS = {  # layer type -> its fields, in tuple order
@@ -21,10 +24,6 @@ FIELDS = {  # layer type -> its fields, in tuple order
     "dense": ("units",),
     "dropout": ("rate",),
 }
-
-
-class ModelConfigError(ValueError):
-    """An invalid architecture; the message names the layer's config key and the bad value."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +144,13 @@ def validate_architecture(
             if len(shape) != 3:
                 raise ModelConfigError(f"{key}: a conv layer needs a 3-D feature map but gets {shape} (after a flatten?).")
             height, width, _ = shape
+            if padding == "same" and spec.kernel > max(height, width):
+                # Keras accepts it, then trains mostly on zero padding at a crawl (~1 image/s).
+                warnings.warn(
+                    f"{key}.kernel={spec.kernel} is larger than the {height}x{width} feature map it slides over; "
+                    "most of it multiplies zero padding and training is very slow. Use a smaller kernel.",
+                    stacklevel=2,
+                )
             if padding == "valid":
                 if spec.kernel > min(height, width):
                     raise ModelConfigError(
@@ -182,6 +188,46 @@ def validate_architecture(
             "the last dense layer must have one unit per class."
         )
     return shapes
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a network costs: trainable parameters and FLOPs per image (one forward pass)."""
+
+    params: int
+    flops: int
+
+
+def cost(layers: list[LayerSpec], input_shape: Sequence[int], padding: str = "same") -> Cost:
+    """Parameters and forward FLOPs per image from the layer shapes (a multiply-add counts as 2 FLOPs).
+
+    Training costs about 3x the forward FLOPs (forward, and the two products of the backward pass).
+    """
+    shapes = validate_architecture(layers, input_shape, None, padding)
+    params = flops = 0
+    previous = tuple(int(v) for v in input_shape)
+    for spec, shape in zip(layers, shapes):
+        if spec.type == "conv":
+            weights = spec.kernel * spec.kernel * previous[-1] * spec.filters
+            params += weights + spec.filters
+            flops += 2 * weights * shape[0] * shape[1]
+        elif spec.type == "dense":
+            params += previous[0] * spec.units + spec.units
+            flops += 2 * previous[0] * spec.units
+        previous = shape
+    return Cost(params=params, flops=flops)
+
+
+def layers_text(layers: list[LayerSpec]) -> str:
+    """The layers in one short line, e.g. 'c64k3 c64k3 m2 c128k3 m2 c128k3 f d1024 d10'."""
+    short = {"conv": lambda s: f"c{s.filters}k{s.kernel}", "pool": lambda s: f"m{s.size}",
+             "flatten": lambda s: "f", "dense": lambda s: f"d{s.units}", "dropout": lambda s: f"r{s.rate}"}
+    return " ".join(short[s.type](s) for s in layers)
+
+
+def layers_config(layers: list[LayerSpec]) -> list[dict]:
+    """The layers in the readable YAML spelling, as trained (shortcuts applied)."""
+    return [{"type": s.type, **{f: getattr(s, f) for f in FIELDS[s.type]}} for s in layers]
 
 
 def build_model(layers, input_shape: Sequence[int], num_classes: int | None = None, padding: str = "same", name: str = "cnn"):

@@ -101,6 +101,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo), e.g. avx2, avx512_bf16, amx_bf16."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
 def git_commit() -> str | None:
     """The commit of the working tree the code runs from, with '-dirty' if it has changes."""
     from cnnexp import PROJECT_ROOT

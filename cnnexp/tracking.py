@@ -1,45 +1,38 @@
-"""Tracking stage: one MLflow run per experiment, with everything needed to compare and reproduce.
+"""Tracking stage: MLflow runs, with one owner per run and one error policy.
 
-Logging never decides the fate of training: when the tracking server fails mid-run, a
-warning says what was not logged and training (and the Optuna record) go on.
+Tracking never decides the fate of training. The store is contacted once per process, with a
+bounded wait (`tracking.timeout` seconds) and, for a local SQLite file, under a lock so that
+processes starting together never race through MLflow's table migrations. If the store can't be
+used, one warning names it and says what is not logged; training, the terminal and the Optuna
+study go on. After the first failure on a run, later calls on it are skipped (no retry storms).
+
+Whoever creates a run ends it, exactly once: `start_run` for a single `cnnexp.run`, the sweep's
+objective for a trial's child run, the sweep for its parent run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
+import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cnnexp.locks import storage_file, store_lock
+
 log = logging.getLogger(__name__)
 
 TAG_PREFIX = "cnnexp."
+# MLflow 3's UI opens GenAI experiments on traces; this tag marks ours as model training.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def configure(tracking_cfg) -> str | None:
-    """Point MLflow at the configured store; returns the experiment id (None when disabled)."""
-    if not tracking_cfg.enabled:
-        return None
-    import mlflow
-
-    uri = absolute_uri(str(tracking_cfg.uri))
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(tracking_cfg.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if tracking_cfg.artifact_root and not uri.startswith(("http://", "https://", "databricks")):
-        # A local store keeps artifacts beside it, at an absolute location, so that
-        # `make ui` finds them whatever folder a run was started from.
-        location = Path(os.path.expanduser(str(tracking_cfg.artifact_root))).resolve().as_uri()
-    try:
-        return mlflow.create_experiment(tracking_cfg.experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
-        # Another worker created it between our lookup and our create.
-        return mlflow.get_experiment_by_name(tracking_cfg.experiment).experiment_id
+class TrackingUnavailable(Exception):
+    """The MLflow store can't be used; the message names it and why."""
 
 
 def absolute_uri(uri: str) -> str:
@@ -48,6 +41,95 @@ def absolute_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri.removeprefix(prefix)).resolve())
     return uri
+
+
+_EXPERIMENTS: dict[tuple[str, str], str] = {}
+_BROKEN: dict[str, str] = {}
+
+
+def configure(tracking_cfg) -> str | None:
+    """Point MLflow at the configured store and return the experiment id (None when tracking is off).
+
+    Raises:
+        TrackingUnavailable: the store can't be reached, created or written within `tracking.timeout` s.
+    """
+    if not tracking_cfg.enabled:
+        return None
+    import mlflow
+
+    uri = absolute_uri(str(tracking_cfg.uri))
+    mlflow.set_tracking_uri(uri)
+    key = (uri, str(tracking_cfg.experiment))
+    if key in _EXPERIMENTS:
+        return _EXPERIMENTS[key]
+    if uri in _BROKEN:
+        raise TrackingUnavailable(_BROKEN[uri])
+    _check_local_store(uri)
+    timeout = float(tracking_cfg.get("timeout", 30))
+    result: dict = {}
+
+    def contact():
+        try:
+            # MLflow creates (migrates) a new SQLite store on first contact: one process at a time.
+            with store_lock(uri, "mlflow") if storage_file(uri) else contextlib.nullcontext():
+                result["id"] = _experiment_id(mlflow, tracking_cfg, uri)
+        except BaseException as err:  # noqa: BLE001 - reported below, in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=contact, daemon=True, name="mlflow-first-contact")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        reason = f"MLflow store {uri} did not answer within tracking.timeout={timeout:g}s"
+    elif "error" in result:
+        err = result["error"]
+        reason = f"MLflow store {uri} can't be used: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    else:
+        _EXPERIMENTS[key] = result["id"]
+        return result["id"]
+    _BROKEN[uri] = reason
+    raise TrackingUnavailable(reason)
+
+
+def _check_local_store(uri: str) -> None:
+    """Fail at once, not after minutes of MLflow's retries, on a SQLite file we can't write."""
+    path = storage_file(uri) if uri.startswith("sqlite") else None
+    if path is None:
+        return
+    folder = path.parent
+    if path.exists() and not os.access(path, os.W_OK):
+        raise TrackingUnavailable(f"MLflow store {uri} is read-only; point tracking.uri (or MLFLOW_TRACKING_URI) "
+                                  "at a writable file")
+    if not path.exists() and (not _nearest_existing(folder).is_dir() or not os.access(_nearest_existing(folder), os.W_OK)):
+        raise TrackingUnavailable(f"MLflow store {uri}: folder {folder} is not writable; point tracking.uri "
+                                  "(or MLFLOW_TRACKING_URI) at a writable place")
+
+
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _experiment_id(mlflow, tracking_cfg, uri: str) -> str:
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(str(tracking_cfg.experiment))
+    if experiment is None:
+        location = None
+        if tracking_cfg.artifact_root and not uri.startswith(("http://", "https://", "databricks")):
+            # A local store keeps artifacts beside it, at an absolute location, so that
+            # `make ui` finds them whatever folder a run was started from.
+            location = Path(os.path.expanduser(str(tracking_cfg.artifact_root))).resolve().as_uri()
+        try:
+            return client.create_experiment(str(tracking_cfg.experiment), artifact_location=location,
+                                            tags=EXPERIMENT_TAGS)
+        except mlflow.exceptions.MlflowException:
+            # Another process created it between our lookup and our create.
+            experiment = client.get_experiment_by_name(str(tracking_cfg.experiment))
+    for key, value in EXPERIMENT_TAGS.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
@@ -62,29 +144,42 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def clean(value):
+    """A plain Python float for MLflow (no float32 noise such as 0.11999999731779099)."""
+    try:
+        return float(f"{float(value):.6g}")
+    except (TypeError, ValueError):
+        return value
+
+
 class Run:
-    """A started MLflow run, or a stand-in that drops everything when tracking is off."""
+    """A started MLflow run, or a stand-in that drops everything when tracking is off or broken."""
 
     def __init__(self, run_id: str | None):
         self.run_id = run_id
         self._broken = False  # after one failure, stop paying retries for every later call
+        self._ended = False
 
     @property
     def active(self) -> bool:
-        return self.run_id is not None
+        return self.run_id is not None and not self._broken
 
     def _safely(self, what: str, fn, *args, **kwargs):
-        if not self.active or self._broken:
+        """Call `fn` (or the client method of that name), turning any failure into one warning."""
+        if not self.active:
             return None
         try:
+            if isinstance(fn, str):
+                fn = getattr(self.client(), fn)
             return fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - a logging failure must not stop training
             self._broken = True
             warnings.warn(f"MLflow: {what} and everything after it were not logged for run {self.run_id} "
-                          f"(training and the Optuna record go on): {err}", stacklevel=2)
+                          f"(training and the Optuna record go on): {str(err).splitlines()[0][:300]}", stacklevel=3)
             return None
 
-    def client(self):
+    @staticmethod
+    def client():
         from mlflow import MlflowClient
 
         return MlflowClient()
@@ -94,33 +189,55 @@ class Run:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self._safely("params", self.client().log_batch, self.run_id, params=items[i:i + 100])
+            self._safely("params", "log_batch", self.run_id, params=items[i:i + 100])
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
-        self._safely("tags", self.client().log_batch, self.run_id, tags=items)
+        self._safely("tags", "log_batch", self.run_id, tags=items)
 
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        import time
-
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self._safely("metrics", self.client().log_batch, self.run_id, metrics=items)
+        items = [Metric(k, clean(v), now, step) for k, v in metrics.items() if v is not None]
+        self._safely("metrics", "log_batch", self.run_id, metrics=items)
+
+    def metric_steps(self, key: str) -> set[int]:
+        """Steps already logged for a metric (a resumed trial logs only the epochs that are missing)."""
+        history = self._safely("metric history", "get_metric_history", self.run_id, key)
+        return {m.step for m in history or []}
 
     def log_text(self, text: str, path: str) -> None:
-        self._safely(path, self.client().log_text, self.run_id, text, path)
+        self._safely(path, "log_text", self.run_id, text, path)
 
     def log_artifact(self, local_path: str | Path, folder: str | None = None) -> None:
-        self._safely("artifacts", self.client().log_artifact, self.run_id, str(local_path), folder)
+        self._safely("artifacts", "log_artifact", self.run_id, str(local_path), folder)
 
-    def log_model(self, model, example) -> None:
-        """The Keras model with its input/output signature, through MLflow's Keras flavour."""
+    def rename(self, name: str) -> None:
+        self._safely("the run name", "update_run", self.run_id, name=name)
+
+    def log_dataset(self, name: str, source: str, digest: str, context: str = "training") -> None:
+        """Record the dataset the run trained on (name, source, fingerprint) in MLflow's Datasets column."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        def log():
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local file
+                warnings.simplefilter("ignore")
+                resolved = resolve_dataset_source(source)
+            dataset = MetaDataset(source=resolved, name=name, digest=digest)
+            entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+            self.client().log_inputs(self.run_id, datasets=[entity])
+
+        self._safely("the dataset", log)
+
+    def log_model(self, model, example) -> str | None:
+        """The Keras model with its signature (MLflow's Keras flavour); returns its model URI."""
         if not self.active:
-            return
+            return None
         import keras
         import mlflow
         from mlflow.models import infer_signature
@@ -134,67 +251,178 @@ class Run:
 
                 requirements.append(f"tensorflow=={tf.__version__}")
             with mlflow.start_run(run_id=self.run_id):
-                mlflow.keras.log_model(model, name="model", signature=signature,
-                                       pip_requirements=requirements)
+                info = mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+            return info.model_uri
 
-        self._safely("the model", log)
+        return self._safely("the model", log)
 
-    def epoch_callback(self):
-        """A Keras callback that logs train/val loss and accuracy at every epoch."""
-        from cnnexp.runtime import keras
+    def register(self, model_uri: str, name: str, alias: str = "champion") -> str | None:
+        """Register the model as a new version of `name` and point `alias` at it; returns the version."""
 
-        run = self
+        def register():
+            import mlflow
 
-        class LogEpoch(keras().callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                names = {"loss": "train_loss", "accuracy": "train_accuracy",
-                         "val_loss": "val_loss", "val_accuracy": "val_accuracy"}
-                run.log_metrics({names[k]: v for k, v in (logs or {}).items() if k in names}, step=epoch)
+            quiet = open(os.devnull, "w")  # MLflow prints "Registered model ..." lines
+            with quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                version = mlflow.register_model(model_uri, name, tags={"cnnexp.run_id": self.run_id})
+            self.client().set_registered_model_alias(name, alias, version.version)
+            return str(version.version)
 
-        return LogEpoch()
+        return self._safely("the model registration", register)
 
-    def end(self, status: str = "FINISHED") -> None:
-        self._safely("the run status", self.client().set_terminated, self.run_id, status)
+    @contextlib.contextmanager
+    def system_metrics(self, enabled: bool = True, interval: float = 5.0):
+        """CPU, memory (and GPU where pynvml finds one) sampled while the block runs, under `system/`."""
+        monitor = None
+        if enabled and self.active:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval)
+                monitor.start()
+            except Exception as err:  # noqa: BLE001 - e.g. psutil missing
+                log.debug("system metrics off: %s", err)
+                monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                with contextlib.suppress(Exception):
+                    monitor.finish()
+
+    def reopen(self) -> None:
+        """Mark a run RUNNING again (a trial that resumes from its checkpoint logs into its old run)."""
+        self._ended = False
+        self._safely("the run status", "update_run", self.run_id, status="RUNNING")
+
+    def end(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """End the run once, with its status (and the reason, for runs that did not finish)."""
+        if self._ended:
+            return
+        self._ended = True
+        if error:
+            self.set_tags({"error": error[:5000]})
+        self._safely("the run status", "set_terminated", self.run_id, status)
 
 
-@contextmanager
-def start_run(tracking_cfg, run_name: str, tags: dict | None = None, parent_run_id: str | None = None,
-              run_id: str | None = None):
-    """Start an MLflow run (or continue `run_id`) and always end it: FINISHED, FAILED or KILLED.
-
-    A run is never left RUNNING: exceptions, Ctrl-C and SIGTERM (raised as KeyboardInterrupt
-    or SystemExit by our handlers) all end it with a status and the reason as a tag.
-    """
-    run = Run(None)
-    experiment_id = None
-    if run_id is not None:  # created by the caller (a sweep's trial): log into it
-        run = Run(run_id)
-        run.set_tags(tags or {})
+def open_run(tracking_cfg, name: str, tags: dict | None = None, parent_run_id: str | None = None) -> Run:
+    """Create a run; a stand-in (logging nothing) with one warning when the store can't be used."""
     try:
         experiment_id = configure(tracking_cfg)
+    except TrackingUnavailable as err:
+        warn_once(f"{err}. Not logged to MLflow: this run's params, metrics and model; "
+                  "training goes on and the result is printed (and kept in the Optuna study).")
+        return Run(None)
+    if experiment_id is None:
+        return Run(None)
+    all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    try:
+        created = Run.client().create_run(experiment_id, run_name=name, tags=all_tags)
     except Exception as err:  # noqa: BLE001
-        warnings.warn(f"MLflow at {tracking_cfg.uri} is unreachable, this run is not logged: {err}",
-                      stacklevel=2)
-    if experiment_id is not None and not run.active:
-        from mlflow import MlflowClient
+        warn_once(f"MLflow could not start a run, this run is not logged (training goes on): {err}")
+        return Run(None)
+    return Run(created.info.run_id)
 
-        all_tags = dict(tags or {})
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        try:
-            created = MlflowClient().create_run(experiment_id, run_name=run_name, tags=all_tags)
-            run = Run(created.info.run_id)
-        except Exception as err:  # noqa: BLE001
-            warnings.warn(f"MLflow could not start a run, this run is not logged: {err}", stacklevel=2)
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def status_of(err: BaseException | None) -> str:
+    """The MLflow status for how a run ended: FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED."""
+    if err is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+@contextlib.contextmanager
+def start_run(tracking_cfg, run_name: str, tags: dict | None = None, parent_run_id: str | None = None,
+              run_id: str | None = None):
+    """Yield a run and end it exactly once, with a status and the reason; never left RUNNING.
+
+    With `run_id` (a run created by a sweep's objective) the run is only logged into: its owner ends it.
+    """
+    if run_id is not None:
+        run = Run(run_id)
+        run.set_tags(tags or {})
+        yield run
+        return
+    run = open_run(tracking_cfg, run_name, tags, parent_run_id)
     try:
         yield run
-    except (KeyboardInterrupt, SystemExit) as err:
-        run.set_tags({"error": f"interrupted ({type(err).__name__})"})
-        run.end("KILLED")
-        raise
     except BaseException as err:
-        run.set_tags({"error": f"{type(err).__name__}: {err}"})
-        run.end("FAILED")
+        run.end(status_of(err), error=f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
         raise
-    else:
-        run.end("FINISHED")
+    run.end("FINISHED")
+
+
+def epoch_logger(run: Run, already_logged: set[int] = frozenset()):
+    """A Keras callback logging train/val loss and accuracy each epoch, at step = epoch (from 1).
+
+    Epochs in `already_logged` (a trial resumed from its checkpoint) are not logged twice.
+    """
+    from cnnexp.runtime import keras
+
+    names = {"loss": "train_loss", "accuracy": "train_accuracy", "val_loss": "val_loss", "val_accuracy": "val_accuracy"}
+
+    class LogEpoch(keras().callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 not in already_logged:
+                run.log_metrics({names[k]: v for k, v in (logs or {}).items() if k in names}, step=epoch + 1)
+
+    return LogEpoch()
+
+
+def study_run(tracking_cfg, study_name: str, params: dict, known_id: str | None = None) -> Run:
+    """The study's MLflow parent run: found again on resume (by id, else by tags), never duplicated.
+
+    The caller holds the study lock, so that workers starting together find one parent.
+    """
+    try:
+        experiment_id = configure(tracking_cfg)
+    except TrackingUnavailable as err:
+        warn_once(f"{err}. Not logged to MLflow: this study's runs; training goes on, results are printed "
+                  "and kept in the Optuna study.")
+        return Run(None)
+    if experiment_id is None:
+        return Run(None)
+
+    def find() -> str | None:
+        client = Run.client()
+        if known_id:
+            return client.get_run(known_id).info.run_id
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`cnnexp.study` = '{study_name}' and tags.`cnnexp.role` = 'study'",
+            order_by=["attributes.start_time ASC"], max_results=1)
+        return found[0].info.run_id if found else None
+
+    probe = Run("lookup")
+    found = probe._safely("the study run", find)
+    if probe._broken:
+        return Run(None)
+    if found:
+        run = Run(found)
+        run.reopen()
+        return run
+    from cnnexp.runtime import git_commit
+
+    run = open_run(tracking_cfg, f"study {study_name}", {"cnnexp.study": study_name, "cnnexp.role": "study",
+                                                          "mlflow.source.git.commit": git_commit() or ""})
+    run.log_params(params)
+    return run
+
+
+def ui_url(base: str, experiment_id: str | None, run_id: str | None = None) -> str | None:
+    """The MLflow UI page of the study's runs (MLflow 3 opens GenAI experiments on traces otherwise)."""
+    if experiment_id is None:
+        return None
+    if run_id:
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs"

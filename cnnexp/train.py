@@ -11,24 +11,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from cnnexp.config import ConfigError
+from cnnexp.config import optimizer_settings
+from cnnexp.errors import NonFiniteLossError
 from cnnexp.runtime import keras
-
-OPTIMIZERS = {
-    "sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop",
-    "nadam": "Nadam", "adagrad": "Adagrad",
-}
-
-
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss (often: learning rate too high)."""
-
 
 @dataclass
 class TrainResult:
+    """What one training produced. `history` holds every epoch, those before a resume included."""
+
     history: dict[str, list[float]]
     test_loss: float
     test_accuracy: float
@@ -36,61 +26,26 @@ class TrainResult:
     train_seconds: float
     images_per_second: float
     params: int
-    extra: dict = field(default_factory=dict)
+    resumed_from_epoch: int = 0          # epochs restored from a checkpoint (0: trained from scratch)
+    warnings: list[str] = field(default_factory=list)  # diverged or at chance: flagged, not failed
 
     @property
     def score(self) -> tuple[float, float]:
         return self.test_loss, self.test_accuracy
 
 
-def validate_train_config(train_cfg) -> None:
-    """Check types and ranges of the `train` section; every message names the key to fix."""
-
-    def number(key, *, integer=False, low=None, low_open=False, high=None, high_open=False):
-        value = train_cfg.get(key)
-        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type:
-            kind = "an integer" if integer else "a number"
-            raise ConfigError(f"train.{key}={value!r} must be {kind}.")
-        if low is not None and (value <= low if low_open else value < low):
-            raise ConfigError(f"train.{key}={value!r} must be {'>' if low_open else '>='} {low}.")
-        if high is not None and (value >= high if high_open else value > high):
-            raise ConfigError(f"train.{key}={value!r} must be {'<' if high_open else '<='} {high}.")
-
-    if train_cfg.get("optimizer") not in OPTIMIZERS:
-        raise ConfigError(
-            f"train.optimizer={train_cfg.get('optimizer')!r} is unknown; use one of {', '.join(OPTIMIZERS)}."
-        )
-    number("lr", low=0, low_open=True)
-    number("momentum", low=0, high=1, high_open=True)
-    number("batch_size", integer=True, low=1)
-    number("epochs", integer=True, low=1)
-    number("val_fraction", low=0, low_open=True, high=1, high_open=True)
-    number("seed", integer=True, low=0)
-    number("verbose", integer=True, low=0, high=2)
-    if train_cfg.get("precision") not in PRECISIONS:
-        raise ConfigError(f"train.precision={train_cfg.get('precision')!r} must be one of {', '.join(PRECISIONS)}.")
-    if train_cfg.get("jit_compile") not in ("auto", True, False):
-        raise ConfigError(f"train.jit_compile={train_cfg.get('jit_compile')!r} must be auto, true or false.")
-    if train_cfg.get("steps_per_execution") != "auto":
-        number("steps_per_execution", integer=True, low=1)
-    if train_cfg.get("pipeline") not in ("tf_data", "numpy"):
-        raise ConfigError(f"train.pipeline={train_cfg.get('pipeline')!r} must be tf_data or numpy.")
-    stopping = train_cfg.early_stopping
-    if stopping.enabled:
-        if stopping.monitor not in ("val_loss", "val_accuracy", "loss", "accuracy"):
-            raise ConfigError(f"train.early_stopping.monitor={stopping.monitor!r} is not a Keras metric name.")
-        if not isinstance(stopping.patience, int) or stopping.patience < 0:
-            raise ConfigError(f"train.early_stopping.patience={stopping.patience!r} must be an integer >= 0.")
-
-
 def resolve_precision(train_cfg) -> str:
-    """`auto`: mixed bfloat16 on a GPU (tensor cores, no loss scaling), float32 on a CPU."""
-    from cnnexp.runtime import has_gpu
+    """`auto`: mixed bfloat16 where the hardware does bfloat16 natively, float32 elsewhere.
+
+    Natively means a GPU (tensor cores) or a CPU with AVX512-BF16 or AMX; on a CPU with only
+    AVX2/FMA, bfloat16 is emulated and slower than float32.
+    """
+    from cnnexp.runtime import cpu_flags, has_gpu
 
     if train_cfg.precision != "auto":
         return str(train_cfg.precision)
-    return "mixed_bfloat16" if has_gpu() else "float32"
+    native_bf16 = has_gpu() or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return "mixed_bfloat16" if native_bf16 else "float32"
 
 
 def _steps_per_execution(train_cfg) -> int:
@@ -134,11 +89,9 @@ def make_dataset(x, y, batch_size: int, shuffle_seed: int | None = None):
 
 
 def make_optimizer(train_cfg):
-    k = keras()
-    kwargs = {"learning_rate": float(train_cfg.lr)}
-    if train_cfg.optimizer in ("sgd", "rmsprop"):
-        kwargs["momentum"] = float(train_cfg.momentum)
-    return getattr(k.optimizers, OPTIMIZERS[train_cfg.optimizer])(**kwargs)
+    name, lr, momentum = optimizer_settings(train_cfg)
+    kwargs = {"learning_rate": lr} | ({"momentum": momentum} if momentum is not None else {})
+    return getattr(keras().optimizers, name)(**kwargs)
 
 
 # The cross-entropy of a softmax is at most about 16 per image (probabilities are clipped at
@@ -169,11 +122,66 @@ def _nan_guard():
     return StopOnNonFiniteLoss()
 
 
-def train_model(model, data, train_cfg, callbacks=()) -> TrainResult:
+def at_chance(accuracy: float, n: int, num_classes: int) -> bool:
+    """True when `accuracy` on `n` images is not clearly above guessing (one-sided binomial test, 1%)."""
+    from scipy.stats import binomtest
+
+    if n <= 0 or num_classes < 2 or not math.isfinite(accuracy):
+        return False
+    return binomtest(round(accuracy * n), n, 1 / num_classes, alternative="greater").pvalue > 0.01
+
+
+def checkpoint(folder, history_file: str = "history.json"):
+    """Keras' BackupAndRestore (weights, optimizer state, epoch) plus the per-epoch logs beside it.
+
+    The logs let a resumed trial report and log the epochs it restored without training them again.
+    Deleting the folder is the caller's job: a pruned or failed trial never reaches `on_train_end`.
+    """
+    import json
+    import os
+
+    class TrialCheckpoint(keras().callbacks.BackupAndRestore):
+        def __init__(self):
+            super().__init__(str(folder), delete_checkpoint=False, double_checkpoint=True)
+            path = os.path.join(folder, history_file)
+            self.restored: dict[str, list[float]] = {}
+            if os.path.exists(path):
+                with open(path) as handle:
+                    self.restored = json.load(handle)
+            self.logs = {k: list(v) for k, v in self.restored.items()}
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            done = int(getattr(self.model, "_initial_epoch", 0) or 0)
+            # The weights say how far training got; logs past that epoch were never checkpointed.
+            self.logs = {k: v[:done] for k, v in self.logs.items()}
+            self.restored = {k: list(v) for k, v in self.logs.items()}
+
+        def on_epoch_end(self, epoch, logs=None):
+            for key, value in (logs or {}).items():
+                self.logs.setdefault(key, []).append(float(value))
+            super().on_epoch_end(epoch, logs)  # weights and epoch first, then the logs that match them
+            tmp = os.path.join(folder, f".{history_file}.tmp")
+            with open(tmp, "w") as handle:
+                json.dump(self.logs, handle)
+            os.replace(tmp, os.path.join(folder, history_file))
+
+        @property
+        def resumed_from(self) -> int:
+            return len(next(iter(self.restored.values()), []))
+
+    return TrialCheckpoint()
+
+
+def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None) -> TrainResult:
     """Compile and fit `model` on `data`, then evaluate it on the test split.
 
+    Args:
+        checkpoint_dir: save weights, optimizer state and epoch here at every epoch end, and resume
+            from what is there (a sweep trial whose worker died).
+
     Raises:
-        NonFiniteLossError: the loss became NaN or infinite; training stopped at that epoch.
+        NonFiniteLossError: the loss became NaN, infinite or blew up; training stopped at that epoch.
     """
     k = keras()
     model.compile(
@@ -185,7 +193,10 @@ def train_model(model, data, train_cfg, callbacks=()) -> TrainResult:
     )
     nan_guard = _nan_guard()
     timer = epoch_timer()
-    all_callbacks = [nan_guard, timer, *callbacks]
+    backup = checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    # The checkpoint comes before the caller's callbacks, so that whatever they log or report
+    # for an epoch is already saved: a resumed trial never trains an epoch it logged.
+    all_callbacks = [nan_guard, timer, *([backup] if backup else []), *callbacks]
     if train_cfg.early_stopping.enabled:
         all_callbacks.append(k.callbacks.EarlyStopping(
             monitor=train_cfg.early_stopping.monitor, patience=train_cfg.early_stopping.patience,
@@ -199,8 +210,10 @@ def train_model(model, data, train_cfg, callbacks=()) -> TrainResult:
     else:  # Keras' own adapter over the arrays, as the notebook did
         inputs = {"x": data.x_train, "y": data.y_train, "batch_size": batch}
         validation = (data.x_val, data.y_val) if has_val else None
+    if backup is not None and not model.built:
+        model.build((None, *data.input_shape))
     start = time.perf_counter()
-    history = model.fit(
+    fitted = model.fit(
         **inputs,
         epochs=int(train_cfg.epochs),
         validation_data=validation,
@@ -209,20 +222,32 @@ def train_model(model, data, train_cfg, callbacks=()) -> TrainResult:
     )
     seconds = time.perf_counter() - start
     if nan_guard.reason:
+        _, lr, _ = optimizer_settings(train_cfg)
         raise NonFiniteLossError(
-            f"Training stopped: {nan_guard.reason} (train.lr={train_cfg.lr}, "
+            f"Training stopped: {nan_guard.reason} (train.lr={lr:g}, "
             f"train.optimizer={train_cfg.optimizer}); try a smaller train.lr."
         )
-    epochs_run = len(history.history.get("loss", []))
+    history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
+    resumed = backup.resumed_from if backup else 0
+    if resumed:
+        history = {key: backup.restored.get(key, [])[:resumed] + values for key, values in history.items()}
     test_loss, test_accuracy = model.evaluate(
         data.x_test, data.y_test, batch_size=max(int(train_cfg.batch_size), 256), verbose=0
     )
+    flags = []
+    losses = history.get("loss", [])
+    if len(losses) > 1 and max(losses[1:]) > 10 * losses[0]:
+        flags.append(f"loss exploded: {losses[0]:.3g} in epoch 1, {max(losses[1:]):.3g} later")
+    if at_chance(float(test_accuracy), len(data.y_test), data.num_classes):
+        flags.append(f"test accuracy {float(test_accuracy):.3f} is at chance level (1/{data.num_classes})")
     return TrainResult(
-        history={key: [float(v) for v in values] for key, values in history.history.items()},
+        history=history,
         test_loss=float(test_loss),
         test_accuracy=float(test_accuracy),
-        epochs_run=epochs_run,
+        epochs_run=len(history.get("loss", [])),
         train_seconds=seconds,
         images_per_second=timer.images_per_second(len(data.y_train)),
         params=int(model.count_params()),
+        resumed_from_epoch=resumed,
+        warnings=flags,
     )

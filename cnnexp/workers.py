@@ -1,66 +1,18 @@
-"""Many workers on one study: local worker processes, a lock around "count, then ask", GPU pinning.
+"""Many workers on one study: local worker processes, one per GPU when there are GPUs.
 
 `sweep.workers=N` starts N worker processes on this machine; invocations on other machines
 (Slurm array tasks, Kubernetes pods) join the same study through `sweep.storage`. The total
-trial count holds across all of them because a worker only asks for a trial while holding
-a study-wide lock, after counting the trials already there.
+trial count holds across all of them: the study's storage refuses trials beyond `n_trials`
+(see `cnnexp.study`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
-
-
-@contextlib.contextmanager
-def trial_slot_lock(storage_url: str):
-    """Hold a lock shared by every worker of the study's storage.
-
-    SQLite and journal files: an flock on a file beside them (one machine, or a file system
-    with working locks). PostgreSQL/MySQL: an advisory lock in the database itself.
-    """
-    if storage_url.startswith(("sqlite:///", "journal:")):
-        path = storage_url.removeprefix("sqlite:///").removeprefix("journal:").removeprefix("//")
-        # Not "<file>.lock": Optuna's journal backend keeps its own lock under that name.
-        lock_path = Path(path).with_name(Path(path).name + ".cnnexp-lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-    elif storage_url.startswith("postgresql"):
-        with _postgres_advisory_lock(storage_url):
-            yield
-    else:
-        yield  # in-memory or unknown storage: a single process
-
-
-_ENGINES: dict[str, object] = {}
-
-
-@contextlib.contextmanager
-def _postgres_advisory_lock(url: str):
-    import sqlalchemy
-
-    engine = _ENGINES.get(url)
-    if engine is None:
-        engine = _ENGINES[url] = sqlalchemy.create_engine(url, pool_pre_ping=True, pool_size=1)
-    key = int(hashlib.sha256(b"cnnexp-trial-slot").hexdigest()[:15], 16)
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-        try:
-            yield
-        finally:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-            conn.commit()
+from collections.abc import Sequence
 
 
 def visible_gpus() -> list[str]:
@@ -84,18 +36,13 @@ def worker_env(index: int, gpus: list[str]) -> dict[str, str]:
     return env
 
 
-def run_workers(sweep, args) -> int:
-    """Start `sweep.workers` worker processes on the study, wait for them, then report."""
-    from cnnexp.sweep import finish, open_study
-
-    settings = sweep.settings
-    count = int(settings.workers)
-    # The workers create (or find) the study and its MLflow parent run under the trial-slot lock.
+def run_workers(sweep_name: str, overrides: Sequence[str], count: int, verbose: bool = False) -> int:
+    """Start `count` worker processes on the study and wait for them; 130 if they were interrupted."""
     gpus = visible_gpus()
-    print(f"Starting {count} workers on study {settings.study_name!r} ({settings.storage})"
-          + (f", GPUs {gpus}" if gpus else ", no GPU") + ".", flush=True)
-    command = [sys.executable, "-m", "cnnexp.sweep", "--sweep", args.sweep, "--no-report",
-               *args.overrides, "sweep.workers=1", "sweep.estimate=false"]
+    print(f"Starting {count} workers on sweep {sweep_name!r}" + (f", GPUs {gpus}" if gpus else ", no GPU") + ".",
+          flush=True)
+    command = [sys.executable, "-m", "cnnexp.sweep", "--sweep", sweep_name, "--no-report", *(["-v"] if verbose else []),
+               *overrides, "sweep.workers=1", "sweep.estimate=false"]
     procs = [subprocess.Popen(command, env=worker_env(i, gpus)) for i in range(count)]
 
     def forward(signum, frame):
@@ -112,4 +59,6 @@ def run_workers(sweep, args) -> int:
     if any(code in (130, -signal.SIGTERM) for code in codes):
         print("Workers were interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
-    return finish(sweep, open_study(sweep), report=not args.no_report)
+    if any(code == 2 for code in codes):
+        return 2
+    return 0

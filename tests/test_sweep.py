@@ -1,25 +1,30 @@
 """Sweeps: real Optuna studies of real (tiny) trainings, logged to a real MLflow store."""
 
+
+import mlflow
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from cnnexp import SWEEPS_DIR, sweep
+from cnnexp import SWEEPS_DIR, objective, space, study, sweep
 from cnnexp.config import compose_config
+from cnnexp.errors import ConfigError, StorageError
 from cnnexp.model import layers_from_config, validate_architecture
 from tests.conftest import CIFAR_JPEG, tracking_overrides
+
+# Adam learns 1,000 CIFAR-10 images to ~20% test accuracy in 2 epochs at quarter width: clearly above chance.
+TINY = ["dataset=folder", f"dataset.path={CIFAR_JPEG}", "dataset.train_limit=1000", "dataset.test_limit=300",
+        "+width=0.25", "train.epochs=2", "train.optimizer=adam"]
 
 
 def write_sweep(tmp_path, params, settings=None, overrides=(), name="tiny"):
     """A sweep YAML on a tiny real subset, with every store and output under tmp_path."""
     doc = {
-        "overrides": [
-            "dataset=folder", f"dataset.path={CIFAR_JPEG}", "dataset.train_limit=1000",
-            "dataset.test_limit=300", "+width=0.25", "train.epochs=1", *tracking_overrides(tmp_path), *overrides,
-        ],
+        "overrides": [*TINY, *tracking_overrides(tmp_path), *overrides],
         "sweep": {"n_trials": 3, "storage": f"sqlite:///{tmp_path / 'studies.db'}",
-                  "output_dir": str(tmp_path / "out"), "estimate": False,
+                  "output_dir": str(tmp_path / "out"), "estimate": False, "system_metrics": False,
                   "sampler": {"name": "tpe", "seed": 0}, **(settings or {})},
         "params": params,
     }
@@ -37,8 +42,13 @@ def mlflow_runs(tmp_path):
     return client, parents, children
 
 
-def states(study):
-    return [t.state.name for t in sorted(study.trials, key=lambda t: t.number)]
+def states(s):
+    return [t.state.name for t in sorted(s.trials, key=lambda t: t.number)]
+
+
+def config_seeds(s):
+    """(configuration, seed) of every trial that trained: no pair may appear twice."""
+    return [(study.config_key(t.params), t.user_attrs["seed"]) for t in s.trials if "seed" in t.user_attrs]
 
 
 @pytest.fixture(autouse=True)
@@ -50,62 +60,92 @@ def test_sweep_records_trials_in_optuna_mlflow_and_the_report(tmp_path):
     path = write_sweep(tmp_path, {"kernel": "choice(2,3)", "train.batch_size": "choice(50,100)"},
                        settings={"n_trials": 4, "sampler": {"name": "grid", "seed": 0}})
     s = sweep.load_sweep(str(path))
-    study = sweep.optimize(s, show_progress=False)
-    assert sweep.finish(s, study) == 0
-    assert states(study) == ["COMPLETE"] * 4
-    assert {(t.params["kernel"], t.params["train.batch_size"]) for t in study.trials} == {
+    result = sweep.optimize(s, show_progress=False)
+    assert sweep.finish(s, result) == 0
+    assert states(result) == ["COMPLETE"] * 4
+    assert {(t.params["kernel"], t.params["train.batch_size"]) for t in result.trials} == {
         (2, 50), (2, 100), (3, 50), (3, 100)}
-    assert all(t.user_attrs["command"].startswith("python -m cnnexp.run dataset=folder") for t in study.trials)
+    assert all(t.user_attrs["command"].startswith("python -m cnnexp.run dataset=folder") for t in result.trials)
+    assert result.metric_names == ["val_accuracy"]
 
     client, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     by_number = {int(c.data.tags["optuna.trial_number"]): c for c in children}
-    for trial in study.trials:
+    for trial in result.trials:
         child = by_number[trial.number]
+        assert child.info.run_name == f"t{trial.number} k{trial.params['kernel']} bs{trial.params['train.batch_size']}"
         assert child.data.tags["optuna.trial_state"] == "COMPLETE" and child.info.status == "FINISHED"
-        assert child.data.metrics["test_accuracy"] == pytest.approx(trial.user_attrs["test_accuracy"])
-        assert [m.value for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [
-            pytest.approx(trial.value)]
+        assert child.data.metrics["final/test_accuracy"] == pytest.approx(trial.user_attrs["test_accuracy"])
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == [1, 2] and history[-1].value == pytest.approx(trial.value)
         assert f"+kernel={trial.params['kernel']}" in child.data.tags["cnnexp.command"]
-    # The best trial's model is logged with its signature.
-    best_child = by_number[study.best_trial.number]
+        # What is logged is what was trained: the resolved layers, quarter width, the trial's kernel.
+        k = trial.params["kernel"]
+        assert child.data.params["model.layers_resolved"] == f"c16k{k} c16k{k} m2 c32k{k} m2 c32k{k} f d1024 d10"
+        assert child.data.params["train.lr"] == "0.001"  # Adam's own default, not SGD's 0.01
+        assert int(child.data.params["model.num_params"]) == trial.user_attrs["params"]
+    best = result.best_trial
+    best_child = by_number[best.number]
     assert "model_summary.txt" in {a.path for a in client.list_artifacts(best_child.info.run_id)}
-    import mlflow
-
+    # The best model is registered, and loadable by its alias.
+    version = client.get_model_version_by_alias("cnnexp-tiny", "champion")
+    assert version.run_id == best_child.info.run_id
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    logged = mlflow.search_logged_models(experiment_ids=[best_child.info.experiment_id], output_format="list")
-    assert best_child.info.run_id in {m.source_run_id for m in logged}
+    loaded = mlflow.pyfunc.load_model("models:/cnnexp-tiny@champion")
+    assert loaded.metadata.signature is not None
+    assert parents[0].data.tags["cnnexp.best_trial"] == str(best.number)
+    assert parents[0].data.tags["cnnexp.best_run_id"] == best_child.info.run_id
+    assert parents[0].data.params["space.kernel"] == "choice(2,3)"
 
     out = tmp_path / "out" / "tiny"
-    table = (out / "trials.csv").read_text().splitlines()
-    assert len(table) == 5 and table[0].startswith("trial,kernel,train.batch_size")
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 4 and {"kernel", "train.batch_size", "seed", "test_accuracy", "flops"} <= set(trials.columns)
+    effects = pd.read_csv(out / "effects.csv")
+    assert list(effects.columns[:7]) == ["parameter", "verdict", "estimate", "ci_low", "ci_high", "n_min", "best_value"]
+    assert {"kernel", "train.batch_size"} <= set(effects["parameter"])
+    assert set(effects["verdict"]) <= {"effect", "not_detected", "insufficient_data"}
     summary = (out / "summary.md").read_text()
-    assert "Does it have an effect on the score?" in summary and "| kernel" in summary
-    for plot in ("history.png", "importances.png", "parallel_coordinates.png", "score_vs_kernel.png",
+    assert summary.index("## Answers") < summary.index("## Effects") and "2.i Kernel size" in summary
+    for plot in ("history.png", "importances.png", "learning_curves.png", "score_vs_kernel.png",
                  "score_vs_train.batch_size.png"):
         assert (out / "plots" / plot).stat().st_size > 5000, plot
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"trials.csv", "summary.md", "plots"} <= parent_artifacts
+    assert {"trials.csv", "effects.csv", "summary.md", "plots"} <= parent_artifacts
     assert parents[0].data.metrics["trials_complete"] == 4
 
 
+def test_a_redrawn_configuration_gets_the_next_seed_and_counts_as_a_replicate(tmp_path):
+    """One configuration, three trials: seeds 0, 1, 2, never the same seed twice, so seed noise is real."""
+    path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"n_trials": 3})
+    s = sweep.load_sweep(str(path))
+    result = sweep.optimize(s, show_progress=False)
+    assert [t.user_attrs["seed"] for t in result.trials] == [0, 1, 2]
+    assert all(f"train.seed={t.user_attrs['seed']}" in t.user_attrs["command"] for t in result.trials[1:])
+    values = [t.value for t in result.trials]
+    assert len(set(values)) > 1  # genuinely different trainings, not identical reruns
+    sweep.finish(s, result)
+    summary = (tmp_path / "out" / "tiny" / "summary.md").read_text()
+    assert "from 1 configuration(s) run with several seeds" in summary
+
+
 def test_rerun_resumes_to_the_configured_total_without_duplicates(tmp_path):
-    path = write_sweep(tmp_path, {"kernel": "choice(2,3,4)"}, settings={"n_trials": 2})
+    path = write_sweep(tmp_path, {"kernel": "choice(2,3)"}, settings={"n_trials": 2})
     first = sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
     finished_before = {t.number: t.datetime_complete for t in first.trials}
-    study = sweep.optimize(sweep.load_sweep(str(path), ["sweep.n_trials=3"]), show_progress=False)
-    again = sweep.optimize(sweep.load_sweep(str(path), ["sweep.n_trials=3"]), show_progress=False)
-    assert len(again.trials) == len(study.trials) == 3
+    again = sweep.optimize(sweep.load_sweep(str(path), ["sweep.n_trials=4"]), show_progress=False)
+    assert len(again.trials) == 4
     assert {t.number: t.datetime_complete for t in again.trials if t.number < 2} == finished_before
+    pairs = config_seeds(again)
+    assert len(pairs) == len(set(pairs)) == 4  # the resumed study drew k2/k3 again: with new seeds
     _, parents, children = mlflow_runs(tmp_path)
-    assert len(parents) == 1 and len(children) == 3
+    assert len(parents) == 1 and len(children) == 4
 
 
 def test_interrupted_sweep_marks_the_trial_and_resumes(tmp_path, monkeypatch):
     path = write_sweep(tmp_path, {"kernel": "choice(2,3,4)"}, settings={"n_trials": 3})
-    real_run, calls = sweep.run, []
+    real_run, calls = objective.run, []
 
     def interrupt_second_trial(*args, **kwargs):
         calls.append(1)
@@ -113,40 +153,40 @@ def test_interrupted_sweep_marks_the_trial_and_resumes(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run", interrupt_second_trial)
+    monkeypatch.setattr(objective, "run", interrupt_second_trial)
     with pytest.raises(KeyboardInterrupt):
         sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
     s = sweep.load_sweep(str(path))
-    study = sweep.open_study(s)
-    assert states(study) == ["COMPLETE", "FAIL"]
-    assert study.trials[1].user_attrs["error"].startswith("interrupted")
+    reopened = study.load_study("tiny", str(s.settings.storage))
+    assert states(reopened) == ["COMPLETE", "FAIL"]
+    assert reopened.trials[1].user_attrs["error"].startswith("interrupted")
     _, parents, children = mlflow_runs(tmp_path)
     assert parents[0].info.status == "KILLED"
     assert {c.data.tags["optuna.trial_state"]: c.info.status for c in children} == {
         "COMPLETE": "FINISHED", "FAIL": "KILLED"}
 
-    study = sweep.optimize(s, show_progress=False)  # resume
-    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+    resumed = sweep.optimize(s, show_progress=False)
+    assert states(resumed) == ["COMPLETE", "FAIL", "COMPLETE"]
     _, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 3
 
 
 def test_failing_trials_fail_alone_with_their_reason(tmp_path):
     # Pool size 64 shrinks the 32x32 map to nothing: rejected before training. lr=1e30: NaN loss.
-    path = write_sweep(tmp_path, {"model.layers.2.size": "choice(2,64)", "train.lr": "choice(0.05,1e30)"},
+    path = write_sweep(tmp_path, {"model.layers.2.size": "choice(2,64)", "train.lr": "choice(0.001,1e30)"},
                        settings={"n_trials": 4, "sampler": {"name": "grid", "seed": 0}})
     s = sweep.load_sweep(str(path))
-    study = sweep.optimize(s, show_progress=False)
-    assert sweep.finish(s, study, report=False) == 0
-    by_params = {(t.params["model.layers.2.size"], t.params["train.lr"]): t for t in study.trials}
-    assert by_params[(2, 0.05)].state.name == "COMPLETE"
+    result = sweep.optimize(s, show_progress=False)
+    assert sweep.finish(s, result, report=False) == 0
+    by_params = {(t.params["model.layers.2.size"], t.params["train.lr"]): t for t in result.trials}
+    assert by_params[(2, 0.001)].state.name == "COMPLETE"
     assert by_params[(2, 1e30)].state.name == "FAIL"
     assert "NonFiniteLossError: Training stopped: loss " in by_params[(2, 1e30)].user_attrs["error"]
-    for lr in (0.05, 1e30):
+    for lr in (0.001, 1e30):
         failed = by_params[(64, lr)]
         assert failed.state.name == "FAIL"
         assert "model.layers.2.size=64: pooling the 32x32 feature map shrinks it below 1x1" in failed.user_attrs["error"]
-        assert failed.duration.total_seconds() < 5  # no training time spent
+        assert "train_seconds" not in failed.user_attrs  # rejected before any training
     _, _, children = mlflow_runs(tmp_path)
     failed_runs = [c for c in children if c.data.tags["optuna.trial_state"] == "FAIL"]
     assert len(failed_runs) == 3 and all(c.info.status == "FAILED" and c.data.tags["error"] for c in failed_runs)
@@ -156,38 +196,64 @@ def test_a_sweep_where_no_trial_completes_exits_non_zero(tmp_path):
     path = write_sweep(tmp_path, {"model.layers.2.size": "choice(64,128)"}, settings={"n_trials": 2})
     s = sweep.load_sweep(str(path))
     assert sweep.finish(s, sweep.optimize(s, show_progress=False), report=False) == 1
+    _, parents, _ = mlflow_runs(tmp_path)
+    assert parents[0].info.status == "FAILED"
 
 
 def test_median_pruner_prunes_a_trial_behind_the_median(tmp_path):
     path = write_sweep(tmp_path, {"kernel": "choice(3)"}, overrides=["train.epochs=3"], settings={
         "n_trials": 2, "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}})
     s = sweep.load_sweep(str(path))
-    study = sweep.open_study(s)
+    opened = study.open_study(s.settings, s.space)
     # A finished trial that reached 0.9 at every epoch: the real one falls behind it at once.
-    study.add_trial(optuna.trial.create_trial(
+    opened.add_trial(optuna.trial.create_trial(
         params={"kernel": 3}, distributions={"kernel": optuna.distributions.CategoricalDistribution([3])},
-        value=0.9, intermediate_values={0: 0.9, 1: 0.9, 2: 0.9}))
-    study = sweep.optimize(s, show_progress=False)
-    pruned = study.trials[1]
-    assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [0]
+        value=0.9, intermediate_values={1: 0.9, 2: 0.9, 3: 0.9}))
+    result = sweep.optimize(s, show_progress=False)
+    pruned = result.trials[1]
+    assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [1]
     client, _, children = mlflow_runs(tmp_path)
     (child,) = children
-    assert child.data.tags["optuna.trial_state"] == "PRUNED" and child.info.status == "KILLED"
+    # Pruned is "stopped early by design": FINISHED, with the Optuna state as a tag and in the name.
+    assert child.data.tags["optuna.trial_state"] == "PRUNED" and child.info.status == "FINISHED"
+    assert child.info.run_name.endswith("(pruned)")
     assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 1  # of 3 epochs
+    assert not any((tmp_path / "checkpoints").rglob("*.h5"))  # no checkpoint left behind
+
+
+def test_unwritable_output_folder_is_found_before_the_first_trial(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"output_dir": str(blocker / "out")})
+    with pytest.raises(StorageError, match=r"sweep.output_dir: can't write to .*not-a-folder/out/tiny"):
+        sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
+    assert not (tmp_path / "studies.db").exists() or not study.load_study("tiny", f"sqlite:///{tmp_path / 'studies.db'}").trials
+
+
+def test_a_failing_report_never_leaves_the_parent_run_running(tmp_path):
+    path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"n_trials": 1})
+    s = sweep.load_sweep(str(path))
+    result = sweep.optimize(s, show_progress=False)
+    blocker = tmp_path / "blocked"
+    blocker.write_text("")
+    s.settings.output_dir = str(blocker)  # the report can't write: out/ is a file
+    assert sweep.finish(s, result) == 2
+    _, parents, _ = mlflow_runs(tmp_path)
+    assert parents[0].info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
 def test_every_sweep_file_parses_and_its_trials_compose(name, tmp_path):
     s = sweep.load_sweep(name, [f"sweep.storage=sqlite:///{tmp_path / 's.db'}"])
     assert s.space and s.settings.n_trials >= 1
-    sweep.make_pruner(s.settings)
-    study = optuna.create_study(sampler=sweep.make_sampler(s.settings, s.space), direction="maximize")
+    assert type(study.make_pruner(s.settings)).__name__ == study.PRUNERS[s.settings.pruner.name]
+    fresh = optuna.create_study(sampler=study.make_sampler(s.settings, s.space), direction="maximize")
     for _ in range(3):
-        trial = study.ask()
-        cfg = compose_config([*s.overrides, *sweep.trial_overrides(s, sweep.suggest(trial, s.space))])
+        trial = fresh.ask()
+        cfg = compose_config([*s.overrides, *space.trial_overrides(s, space.suggest(trial, s.space))])
         validate_architecture(layers_from_config(cfg), cfg.dataset.input_shape, cfg.dataset.num_classes,
                               cfg.model.padding)
-        study.tell(trial, 0.5)
+        fresh.tell(trial, 0.5)
 
 
 def test_search_space_from_the_command_line_in_hydras_grammar():
@@ -196,22 +262,94 @@ def test_search_space_from_the_command_line_in_hydras_grammar():
     assert s.settings.n_trials == 5 and "train.epochs=1" in s.overrides
     assert s.add_keys == {"kernel"}
     trial = optuna.create_study().ask()
-    values = sweep.suggest(trial, s.space)
+    values = space.suggest(trial, s.space)
     assert values["kernel"] in (2, 4, 6) and 1e-4 <= values["train.lr"] <= 1e-1
     assert isinstance(trial.distributions["train.lr"], optuna.distributions.FloatDistribution)
     assert trial.distributions["train.lr"].log
-    assert f"+kernel={values['kernel']}" in sweep.trial_overrides(s, values)
-    with pytest.raises(Exception, match="n_trialz"):
+    assert f"+kernel={values['kernel']}" in space.trial_overrides(s, values)
+    assert space.distribution("e", "range(1,6)") == optuna.distributions.IntDistribution(1, 5)
+    assert space.values_of(space.distribution("b", "range(0.1,0.4,0.1)")) == [0.1, 0.2, 0.3]
+    with pytest.raises(ConfigError, match="n_trialz"):
         sweep.load_sweep("quick", ["sweep.n_trialz=5"])
 
 
 @pytest.mark.parametrize("name", ["tpe", "random", "grid", "cmaes"])
 def test_every_sampler_and_pruner_is_built_from_yaml(name):
     s = sweep.load_sweep("batch_epochs", [f"sweep.sampler.name={name}", "sweep.sampler.seed=3"])
-    sampler = sweep.make_sampler(s.settings, s.space)
-    assert type(sampler).__name__ == sweep.SAMPLERS[name]
-    for pruner in sweep.PRUNERS:
+    sampler = study.make_sampler(s.settings, s.space)
+    assert type(sampler).__name__ == study.SAMPLERS[name]
+    for pruner in study.PRUNERS:
         settings = sweep.load_sweep("batch_epochs", [f"sweep.pruner={{name: {pruner}}}"]).settings
-        assert type(sweep.make_pruner(settings)).__name__ == sweep.PRUNERS[pruner]
-    with pytest.raises(Exception, match="sweep.sampler.name='annealing' is unknown"):
-        sweep.make_sampler(sweep.load_sweep("batch_epochs", ["sweep.sampler.name=annealing"]).settings, s.space)
+        assert type(study.make_pruner(settings)).__name__ == study.PRUNERS[pruner]
+    with pytest.raises(ConfigError, match="sweep.sampler.name='annealing' is unknown"):
+        study.make_sampler(sweep.load_sweep("batch_epochs", ["sweep.sampler.name=annealing"]).settings, s.space)
+    with pytest.raises(ConfigError, match="sweep.pruner"):
+        study.make_pruner(sweep.load_sweep("batch_epochs", ["sweep.pruner={name: median, bogus: 1}"]).settings)
+
+
+def test_storage_refuses_trials_beyond_n_trials_but_runs_queued_ones(tmp_path):
+    storage = study.make_storage(f"sqlite:///{tmp_path / 's.db'}", cap=2)
+    s = optuna.create_study(storage=storage, study_name="cap")
+    with pytest.raises(study.StudyFull):
+        s.optimize(lambda t: t.suggest_int("a", 0, 9), n_trials=5)
+    assert len(s.trials) == 2
+    s.enqueue_trial({"a": 1}, user_attrs={"repeat_of": 0})
+    s.optimize(lambda t: t.suggest_int("a", 0, 9), n_trials=1)  # the queue is not capped
+    assert len(s.trials) == 3 and study.count_trials(s.trials) == 2
+
+
+def test_unwritable_storage_folder_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StorageError, match=r"sweep.storage=sqlite:///.*file/sub/s.db: can't create folder"):
+        study.make_storage(f"sqlite:///{blocker / 'sub' / 's.db'}")
+
+
+def test_sweep_cli_prints_one_line_per_trial_start_and_end(tmp_path):
+    from tests.conftest import run_cli
+
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"n_trials": 2, "sampler": {"name": "grid"}})
+    proc = run_cli("cnnexp.sweep", "--sweep", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "trial 0: kernel=" in out and "trial 1: kernel=" in out
+    assert "val_accuracy=" in out and "## Answers" in out
+    assert "Creating initial MLflow database tables" not in proc.stderr + out  # library noise is off
+    assert "Traceback" not in proc.stderr
+    assert all(len(line) <= 100 for line in out[out.index("\nparameter "):].splitlines()[:6])
+
+
+def test_no_import_cycles_even_inside_functions():
+    import ast
+
+    from cnnexp import PROJECT_ROOT
+
+    package = PROJECT_ROOT / "cnnexp"
+    modules = {p.stem: p for p in package.glob("*.py") if p.stem != "__init__"}
+    graph = {m: set() for m in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "cnnexp":
+                    graph[name] |= {a.name for a in node.names}
+                elif node.module.startswith("cnnexp."):
+                    graph[name].add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                graph[name] |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cnnexp.")}
+        graph[name] = (graph[name] & set(modules)) - {name}
+
+    def cycle_from(start):
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return path + [start]
+                if nxt not in path:
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    cycles = {" -> ".join(c) for m in graph if (c := cycle_from(m))}
+    assert not cycles, cycles
+    assert len(graph) > 15  # every module was read
+    assert {"space", "study", "objective", "sweep", "tracking"} <= set(graph)
