@@ -73,6 +73,12 @@ def answer(question: str, row: dict, frame: pd.DataFrame) -> str:
         head = "more epochs help" if verdict == "effect" else "no gain from more epochs detected"
         return (f"**{question}**: {head}: validation accuracy after the last epoch is {points(estimate)} points "
                 f"above epoch 1 ({ci}); {more}. Best epoch: {row.get('best_value')}.")
+    if param == "task":
+        arm, main = list(means)[:2] if len(means) >= 2 else ("the arm", "the baseline")
+        text = (f"**{question}**: {arm} reaches {100 * means[arm][0]:.1f}% test accuracy (n={means[arm][1]}), "
+                f"the {main} baseline {100 * means[main][0]:.1f}% (n={means[main][1]}): a difference of "
+                f"{points(estimate)} points ({ci}).")
+        return text + cost_phrase(cost_per_level(frame, param), arm, main)
     if not means:  # continuous parameter: a slope
         direction = "higher" if estimate > 0 else "lower"
         word = "raises" if verdict == "effect" else "shows no detectable effect on"
@@ -86,8 +92,12 @@ def answer(question: str, row: dict, frame: pd.DataFrame) -> str:
         text = (f"**{question}** (`{param}`): {best} scores {points(best_mean - worst_mean)} points more than {worst} "
                 f"({ci}, after comparing all {len(means)} values).")
     else:
-        text = (f"**{question}** (`{param}`): no effect detected: the values differ by at most "
-                f"{points(estimate)} points ({ci}). {row.get('needed') or ''}".rstrip())
+        text = (f"**{question}** (`{param}`): no effect detected: best minus worst is {points(estimate)} points "
+                f"({ci}).")
+        detectable = re.search(r"power: (-?[\d.]+)", str(row.get("needed") or ""))
+        if detectable:
+            text += (f" With this many runs only an effect larger than about {100 * float(detectable[1]):.1f} points "
+                     "would be detected reliably (80% power); more seeds would settle smaller ones.")
     if question.startswith("2.i"):
         even = [level for level in means if level.lstrip("-").isdigit() and int(level) % 2 == 0]
         if even:
@@ -116,4 +126,6 @@ def answers(study, frame: pd.DataFrame, effects: pd.DataFrame, facts: dict, metr
             found = True
     if not found:
         lines.append("No parameter was searched.")
+    for note in facts.get("notes", []):
+        lines += [f"Note: {note}.", ""]
     return lines

@@ -32,7 +32,7 @@ def compose_config(overrides: Iterable[str] = (), config_name: str = "config") -
         overrides: Hydra override strings, e.g. ["+kernel=7", "train.epochs=1"].
     """
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides))
+        cfg = compose(config_name=config_name, overrides=effective_overrides(overrides))
     validate_config(cfg)
     return cfg
 
@@ -109,8 +109,8 @@ def overrides_to_command(overrides: Iterable[str], module: str = "cnnexp.run") -
 # The `train` section: values checked once, here, so that nothing trains on a bad value.
 
 OPTIMIZERS = {  # train.optimizer -> (Keras class, default learning rate, default momentum)
-    "sgd": ("SGD", 0.01, 0.9), "adam": ("Adam", 1e-3, None), "adamw": ("AdamW", 1e-3, None),
-    "rmsprop": ("RMSprop", 1e-3, 0.0), "nadam": ("Nadam", 1e-3, None), "adagrad": ("Adagrad", 0.01, None),
+    "sgd": ("SGD", 0.01, 0.9), "adam": ("Adam", 3e-4, None), "adamw": ("AdamW", 3e-4, None),
+    "rmsprop": ("RMSprop", 1e-3, 0.0), "nadam": ("Nadam", 3e-4, None), "adagrad": ("Adagrad", 0.01, None),
 }
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 

@@ -42,6 +42,7 @@ class Dataset:
     y_test: np.ndarray
     class_names: list[str]
     fingerprint: str  # sha256 of the source, plus the subset and split that were taken
+    note: str = ""    # said wherever the result is shown (e.g. MNIST answered on its t10k digits only)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -95,6 +96,7 @@ def load_dataset(dataset_cfg, val_fraction: float = 0.1, seed: int = 0) -> Datas
         y_test=y_test,
         class_names=raw.class_names,
         fingerprint=fingerprint[:16],
+        note=raw.note,
     )
 
 
@@ -105,8 +107,9 @@ def load_raw(dataset_cfg) -> RawDataset:
         source = _locate(dataset_cfg, _CIFAR10_CANDIDATES, "cifar-10-python.tar.gz")
         read, shape = formats.read_cifar10, (32, 32, 3)
     elif name == "mnist":
-        source = _locate(dataset_cfg, ["mnist.npz"], "mnist.npz")
-        read, shape = formats.read_mnist_npz, (28, 28, 1)
+        source = _locate(dataset_cfg, ["mnist.npz", "mnist-t10k"], "mnist.npz")
+        is_idx = source is not None and source.is_dir() and (source / formats.T10K_IMAGES).exists()
+        read, shape = (formats.read_mnist_idx if is_idx else formats.read_mnist_npz), (28, 28, 1)
     elif name == "fashion_mnist":
         source = _locate(dataset_cfg, ["fashion-mnist"], "fashion-mnist/ (the four idx .gz files)")
         read, shape = formats.read_idx_folder, (28, 28, 1)
@@ -133,7 +136,10 @@ def load_raw(dataset_cfg) -> RawDataset:
         f"{name}-v{CACHE_VERSION}-{digest[:20]}", digest, build,
         lambda stored: problem(RawDataset.from_arrays(stored, digest), shape),
     )
-    return RawDataset.from_arrays(arrays, digest)
+    raw = RawDataset.from_arrays(arrays, digest)
+    if read is formats.read_mnist_idx and not (source / "train-images-idx3-ubyte.gz").exists():
+        raw.note = formats.T10K_NOTE
+    return raw
 
 
 def describe(data: Dataset) -> str:

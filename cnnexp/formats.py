@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from cnnexp.errors import DataError
-from cnnexp.raw import RawDataset
+from cnnexp.raw import RawDataset, stratified_sample
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -146,6 +146,36 @@ def read_idx_folder(source: Path) -> RawDataset:
     except (OSError, ValueError, EOFError) as err:
         raise DataError(f"{source} holds a damaged idx .gz file ({err}).") from err
     return RawDataset(x_train, y_train, x_test, y_test, list(FASHION_MNIST_CLASSES), "")
+
+
+T10K_IMAGES = "t10k-images-idx3-ubyte.gz"
+T10K_NOTE = ("MNIST answered on the 10,000 digits of its t10k test set only (the 60,000-image training set "
+             "is not staged), split 80/20 into train and test, stratified and seeded; stage mnist.npz for the full set")
+
+
+def read_mnist_idx(source: Path) -> RawDataset:
+    """MNIST as idx .gz files; with only the t10k pair staged, its 10,000 digits are split 80/20.
+
+    The split is stratified and seeded, so every run and worker sees the same one.
+    """
+    if (source / "train-images-idx3-ubyte.gz").exists():
+        raw = read_idx_folder(source)
+        raw.class_names = [str(i) for i in range(10)]
+        return raw
+    try:
+        with gzip.open(source / T10K_IMAGES, "rb") as handle:
+            x = np.frombuffer(handle.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
+        with gzip.open(source / "t10k-labels-idx1-ubyte.gz", "rb") as handle:
+            y = np.frombuffer(handle.read(), np.uint8, offset=8).astype(np.int32)
+    except FileNotFoundError as err:
+        raise DataError(f"{source} lacks {Path(err.filename).name}.") from err
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{source} holds a damaged idx .gz file ({err}).") from err
+    if len(x) != len(y):
+        raise DataError(f"{source}: {len(x)} images but {len(y)} labels in the t10k files.")
+    test = np.zeros(len(y), bool)
+    test[stratified_sample(y, len(y) // 5, np.random.default_rng(0))] = True
+    return RawDataset(x[~test], y[~test], x[test], y[test], [str(i) for i in range(10)], "", note=T10K_NOTE)
 
 
 def _nhwc(x: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import uuid
 import optuna
 
 from cnnexp import runtime, tracking
-from cnnexp.config import compose_config, overrides_to_command
+from cnnexp.config import compose_config, effective_overrides, overrides_to_command
 from cnnexp.console import say
 from cnnexp.run import USER_ERRORS, run
 from cnnexp.space import Sweep, suggest, trial_overrides
@@ -35,7 +35,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 SHORT = {"kernel": "k", "width": "w", "filters": "f", "train.batch_size": "bs", "train.epochs": "ep",
-         "train.lr": "lr", "train.seed": "seed", "train.optimizer": "", "model": "", "dataset": ""}
+         "train.lr": "lr", "train.seed": "seed", "train.optimizer": "", "model": "", "dataset": "", "task": ""}
 
 
 def describe(values: dict) -> str:
@@ -81,12 +81,14 @@ class Objective:
         if STOP_REQUESTED.is_set():
             raise Interrupted("SIGTERM")
         settings, sweep = self.settings, self.sweep
-        values = suggest(trial, sweep.space)  # an enqueued or retried trial gets its fixed values
+        frozen = self.study.get_trials(deepcopy=False)[trial.number]
+        fixed = frozen.system_attrs.get("fixed_params")
+        # An enqueued trial (a designed cell, a repeat) has its values fixed; an arm of a design
+        # (the MNIST CNN) has none of the main task's parameters, so only its fixed keys are asked.
+        space = sweep.space if fixed is None else {k: v for k, v in sweep.space.items() if k in fixed}
+        values = suggest(trial, space)
         # A retry of a lost worker's trial carries that trial's user attributes (its key, seed, run).
-        retry_of = None
-        if "trial_key" in trial.user_attrs:
-            frozen = self.study.get_trials(deepcopy=False)[trial.number]
-            retry_of = frozen.system_attrs.get("failed_trial", -1)
+        retry_of = frozen.system_attrs.get("failed_trial", -1) if "trial_key" in trial.user_attrs else None
         repeat_of = trial.user_attrs.get("repeat_of")
         base_seed = int(values.get("train.seed", sweep.base.train.seed))
         if retry_of is not None and "seed" in trial.user_attrs:
@@ -112,7 +114,7 @@ class Objective:
         say(f"trial {trial.number}: {what}" + (f" — resuming trial {retry_of}" if retry_of is not None else ""))
         folder = self.checkpoints / key
         try:
-            cfg = compose_config([*overrides, "tracking.log_model=false", "train.verbose=0"])
+            cfg = compose_config(effective_overrides([*overrides, "tracking.log_model=false", "train.verbose=0"]))
             epochs = int(cfg.train.epochs)
             with child.system_metrics(bool(settings.get("system_metrics", True))):
                 result = run(cfg, overrides=overrides, parent_run_id=self.parent_run_id, run_id=child.run_id,
@@ -162,15 +164,18 @@ class Objective:
         return child
 
     def _record(self, trial, result, child, value) -> None:
-        for key in ("test_accuracy", "test_loss", "epochs_run", "train_seconds", "images_per_second"):
+        for key in ("test_accuracy", "test_loss", "train_seconds", "images_per_second"):
             trial.set_user_attr(key, result.metrics[key])
+        trial.set_user_attr("epochs_run", int(result.metrics["epochs_run"]))
         trial.set_user_attr("params", result.cost.params)
         trial.set_user_attr("flops_per_image", result.cost.flops)
-        trial.set_user_attr("epochs_trained_here", result.metrics["epochs_run"] - result.resumed_from_epoch)
+        trial.set_user_attr("epochs_trained_here", int(result.metrics["epochs_run"]) - result.resumed_from_epoch)
         if result.resumed_from_epoch:
             trial.set_user_attr("resumed_from_epoch", result.resumed_from_epoch)
         if result.warnings:
             trial.set_user_attr("flag", "; ".join(result.warnings))
+        if result.dataset_note:
+            trial.set_user_attr("dataset_note", result.dataset_note)
         child.set_tags({"optuna.trial_state": "COMPLETE"})
         log_models = str(self.settings.log_models)
         if child.active and (log_models == "all" or (log_models == "best" and self._is_new_best(trial, value))):

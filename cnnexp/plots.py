@@ -63,12 +63,12 @@ def score_vs(ax, frame: pd.DataFrame, param: str, metric: str, chance, pruned_la
                label="trials (each seed)")
     if flagged.any():
         ax.scatter(xs(done.loc[flagged, param]), done.loc[flagged, "objective"], color=RED, marker="x",
-                   label="flagged (left out)")
+                   label="flagged: diverged or at chance (kept)")
     pruned = frame[frame["trial"].isin(pruned_last)]
     if len(pruned):
         ax.scatter(xs(pruned[param]), pruned["trial"].map(pruned_last), color=GREY, alpha=0.6, s=18,
                    label="pruned (last epoch reached)")
-    groups = done[~flagged].groupby(param)["objective"]
+    groups = done.groupby(param)["objective"]
     means, counts = groups.mean(), groups.count()
     sds = groups.std(ddof=1)
     half = [st.t.ppf(0.975, n - 1) * s / math.sqrt(n) if n > 1 and s == s else np.nan for n, s in zip(counts, sds)]

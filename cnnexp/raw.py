@@ -27,6 +27,7 @@ class RawDataset:
     class_names: list[str]
     fingerprint: str
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable image -> why (image folders only)
+    note: str = ""  # what the user must know about where the data came from (e.g. MNIST from t10k only)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (no objects), so that the cache never needs pickle."""

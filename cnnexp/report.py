@@ -4,9 +4,12 @@
 
 Writes `<sweep.output_dir>/<study>/`: `summary.md` (the answers first), `effects.csv` (one row
 per searched parameter: verdict, estimate, 95% CI), `trials.csv` and `plots/`. Effects come from
-one additive model over the searched parameters (`cnnexp.stats`), fitted on the complete trials
-that were not flagged (diverged, or at chance); repeats are genuine replicates and count as such,
-in the tables and the plots alike.
+one additive model over the searched parameters (`cnnexp.stats`), fitted on the complete trials;
+repeats are genuine replicates and count as such, in the tables and the plots alike.
+
+Flagged trials (a loss that exploded, a score at chance) are genuine outcomes of their settings
+(a learning rate that is too high *is* an effect), so they stay in the model, but never silently:
+the summary lists them and says which verdicts would change without them.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from cnnexp.study import best_trial, load_study
 COLUMNS = {  # user attribute -> report column
     "seed": "seed", "repeat_of": "repeat_of", "test_accuracy": "test_accuracy", "test_loss": "test_loss",
     "epochs_run": "epochs", "train_seconds": "train_s", "params": "n_params", "flops_per_image": "flops",
-    "flag": "flag", "error": "error", "pruned": "pruned",
+    "flag": "flag", "error": "error", "pruned": "pruned", "dataset_note": "dataset_note",
 }
 EFFECT_COLUMNS = ["parameter", "verdict", "estimate", "ci_low", "ci_high", "n_min", "best_value"]
 
@@ -46,15 +49,21 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row["duration_s"] = round(t.duration.total_seconds(), 1) if t.duration else None
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["trial", *params, "state", "objective", *COLUMNS.values(), "duration_s"])
+    for column in [*params, "seed", "repeat_of", "epochs", "n_params", "flops"]:
+        # Integer values stay integers when some rows lack them (a design's MNIST arm has no kernel).
+        values = pd.to_numeric(frame[column], errors="coerce")
+        if values.notna().any() and values.notna().sum() == frame[column].notna().sum() \
+                and (values.dropna() % 1 == 0).all():
+            frame[column] = values.astype("Int64")
     return frame.dropna(axis=1, how="all").reindex(columns=[c for c in frame.columns
                                                               if c in params or frame[c].notna().any()
                                                               or c in ("trial", "state", "objective")])
 
 
-def analysable(frame: pd.DataFrame) -> pd.DataFrame:
-    """Complete trials that were not flagged: what the effects are estimated from."""
+def analysable(frame: pd.DataFrame, without_flagged: bool = False) -> pd.DataFrame:
+    """Complete trials: what the effects are estimated from (optionally without the flagged ones)."""
     keep = frame["state"] == "COMPLETE"
-    if "flag" in frame:
+    if without_flagged and "flag" in frame:
         keep &= frame["flag"].isna()
     return frame[keep]
 
@@ -62,18 +71,27 @@ def analysable(frame: pd.DataFrame) -> pd.DataFrame:
 def learning_curves(study: optuna.Study) -> pd.DataFrame:
     """Validation score per epoch (columns 1..E) of every complete trial, NaN where it stopped."""
     curves = {t.number: t.intermediate_values for t in study.trials
-              if t.state == optuna.trial.TrialState.COMPLETE and t.intermediate_values and "flag" not in t.user_attrs}
+              if t.state == optuna.trial.TrialState.COMPLETE and t.intermediate_values}
     frame = pd.DataFrame.from_dict(curves, orient="index")
     return frame.reindex(columns=sorted(frame.columns)) if not frame.empty else frame
 
 
 def analyse(study: optuna.Study, frame: pd.DataFrame, params: list[str]) -> tuple[pd.DataFrame, dict]:
     """effects.csv's rows, plus the facts the answers need (noise, epochs curve)."""
+    design = study.user_attrs.get("design")
+    if design and "task" in params:
+        return _analyse_design(study, frame, params, design)
     data = analysable(frame)
     effects = stats.effects(data, params, metric="objective",
                             log_scale={p for p in params if _is_log(study, p)})
     facts = {"residual_sd": effects.attrs.get("residual_sd"), "residual_df": effects.attrs.get("residual_df")}
     facts["noise"] = stats.replicate_noise(data, params, metric="objective", seed_column="seed")
+    if "flag" in frame and frame["flag"].notna().any():
+        robust = stats.effects(analysable(frame, without_flagged=True), params, metric="objective",
+                               log_scale={p for p in params if _is_log(study, p)})
+        facts["changed_without_flagged"] = [
+            f"{a.parameter}: {a.verdict} -> {b.verdict}" for a, b in zip(effects.itertuples(), robust.itertuples())
+            if a.verdict != b.verdict]
     curves = learning_curves(study)
     if "train.epochs" not in params and curves.shape[1:] and curves.shape[1] >= 2:
         band, row = stats.epoch_curve(curves)
@@ -81,6 +99,55 @@ def analyse(study: optuna.Study, frame: pd.DataFrame, params: list[str]) -> tupl
         effects = pd.concat([effects, pd.DataFrame([{k: row.get(k) for k in effects.columns}])], ignore_index=True)
         facts["epochs_row"] = row
     return effects, facts
+
+
+def _analyse_design(study, frame, params, design) -> tuple[pd.DataFrame, dict]:
+    """A designed study: the main task's factors in one additive model; each arm against the baseline."""
+    main = frame[frame["task"] == design["main"]]
+    others = [p for p in params if p != "task"]
+    main_study_trials = set(main["trial"])
+    effects, facts = analyse(_Subset(study, main_study_trials), main, others)
+    done = analysable(frame)
+    baseline = done[(done["task"] == design["main"])]
+    for key, value in design["baseline"].items():
+        if key in baseline:
+            baseline = baseline[baseline[key].map(lambda v, want=value: _same(v, want))]
+    rows = []
+    for arm in design["arms"]:
+        scores = done.loc[done["task"] == arm, "test_accuracy"].dropna()
+        row = stats.compare_two(scores.tolist(), baseline["test_accuracy"].dropna().tolist())
+        row.update(parameter="task", best_value=arm if (row.get("estimate") or 0) > 0 else design["main"],
+                   levels=f"{arm}: {scores.mean():.4f} (n={len(scores)}), {design['main']}: "
+                          f"{baseline['test_accuracy'].mean():.4f} (n={len(baseline)})")
+        rows.append(row)
+        notes = frame.loc[frame["task"] == arm, "dataset_note"].dropna() if "dataset_note" in frame else []
+        if len(notes):
+            facts.setdefault("notes", []).append(notes.iloc[0])
+    if rows:
+        effects = pd.concat([effects, pd.DataFrame(rows).reindex(columns=effects.columns)], ignore_index=True)
+    return effects, facts
+
+
+def _same(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+class _Subset:
+    """A study seen through some of its trials (a designed study's main task), for the learning curves."""
+
+    def __init__(self, study: optuna.Study, numbers: set[int]):
+        self._study, self._numbers = study, numbers
+
+    @property
+    def trials(self):
+        return [t for t in self._study.trials if t.number in self._numbers]
+
+    @property
+    def user_attrs(self):
+        return {}
 
 
 def _is_log(study: optuna.Study, param: str) -> bool:
@@ -128,8 +195,10 @@ def write_report(study: optuna.Study, settings, parent: tracking.Run | None = No
                  + (f"; the model's residual sd is {facts['residual_sd']:.4f} on {facts['residual_df']} df."
                     if facts.get("residual_sd") is not None and math.isfinite(facts["residual_sd"]) else "."))
     if len(flagged):
-        lines += ["", f"Flagged and left out of the effects ({len(flagged)}): " + "; ".join(
-            f"trial {r.trial}: {r.flag}" for r in flagged.itertuples())]
+        changed = facts.get("changed_without_flagged") or []
+        lines += ["", f"Flagged runs ({len(flagged)}), kept in the effects as genuine outcomes of their settings: "
+                  + "; ".join(f"trial {r.trial}: {r.flag}" for r in flagged.itertuples()) + ". Without them "
+                  + ("these verdicts would change: " + ", ".join(changed) if changed else "no verdict changes") + "."]
     lines += ["", "## Effects (additive model over the searched parameters, 95% CI, Tukey-adjusted across levels)",
               "", _markdown(effects_out), ""]
     if best is not None:
@@ -172,7 +241,8 @@ def _markdown(frame: pd.DataFrame) -> str:
         if pd.api.types.is_float_dtype(shown[column]):
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else (f"{v:.0f}" if float(v).is_integer()
                                                                                 and abs(v) >= 100 else f"{v:.4g}"))
-    return shown.fillna("").astype(str).replace({"nan": "", "<NA>": "", "None": ""}).to_markdown(index=False)
+    shown = shown.astype(object).where(shown.notna(), "")
+    return shown.astype(str).replace({"nan": "", "<NA>": "", "None": ""}).to_markdown(index=False)
 
 
 def main(argv=None) -> int:
@@ -190,6 +260,10 @@ def main(argv=None) -> int:
                                      "output_dir": args.out, "direction": study.direction.name.lower(),
                                      "n_trials": len(study.trials),
                                      "metric": study.user_attrs.get("metric", DEFAULTS["sweep"]["metric"])})
+        if study.user_attrs.get("mlflow_tracking_uri"):
+            import mlflow
+
+            mlflow.set_tracking_uri(study.user_attrs["mlflow_tracking_uri"])
         print(write_report(study, settings, parent=tracking.Run(study.user_attrs.get("mlflow_parent_run_id"))))
     except CnnexpError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -39,6 +39,7 @@ class RunResult:
     run_id: str | None                  # the MLflow run (None when tracking is off or broken)
     resumed_from_epoch: int = 0
     warnings: list[str] = field(default_factory=list)
+    dataset_note: str = ""
     model: object = field(default=None, repr=False)      # the trained Keras model
     example: object = field(default=None, repr=False)    # a few test inputs, for a model signature
 
@@ -110,6 +111,7 @@ def run(
         f"{tracking.TAG_PREFIX}device": runtime.device_description(),
         f"{tracking.TAG_PREFIX}dataset_fingerprint": dataset.fingerprint,
         f"{tracking.TAG_PREFIX}keras_backend": k.backend.backend(),
+        f"{tracking.TAG_PREFIX}dataset_note": dataset.note or None,
         **(tags or {}),
     }
     name = run_name or f"{cfg.model.name}-{cfg.dataset.name}"
@@ -171,7 +173,7 @@ def run(
         if cfg.tracking.log_model:
             mlrun.log_model(net, dataset.x_test[:4])
     return RunResult(metrics=metrics, history=result.history, cost=cost, run_id=mlrun.run_id,
-                     resumed_from_epoch=result.resumed_from_epoch, warnings=result.warnings,
+                     resumed_from_epoch=result.resumed_from_epoch, warnings=result.warnings, dataset_note=dataset.note,
                      model=net, example=dataset.x_test[:4])
 
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cnnexp import SWEEPS_DIR
 from cnnexp.config import compose_config
+from cnnexp.design import TASK, Design, load_design
 from cnnexp.errors import ConfigError
 
 # What a sweep YAML may hold; `sweep.sampler` and `sweep.pruner` take extra keyword arguments.
@@ -49,7 +50,9 @@ DEFAULTS = {
         "estimate": True,           # print a time estimate before a sweep on a machine without GPU
         "output_dir": "outputs/sweeps",
         "system_metrics": True,     # CPU/memory/GPU of each trial in MLflow (system/ metrics)
+        "budget": None,             # e.g. 45m or 2h: choose the data size to fit, and print the plan first
     },
+    "design": {},                   # controlled comparisons instead of an optimiser (cnnexp.design)
     "description": "",
     "overrides": [],
     "params": {},
@@ -67,6 +70,7 @@ class Sweep:
     base: DictConfig                     # the config every trial starts from (fixed overrides applied)
     add_keys: set[str] = field(default_factory=set)  # keys that need '+' (not in the config)
     path: Path | None = None
+    design: Design | None = None         # a designed study: its cells are queued, not sampled
 
 
 def sweep_path(name: str) -> Path:
@@ -85,7 +89,7 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
     path = sweep_path(name)
     base = OmegaConf.create(DEFAULTS)
     OmegaConf.set_struct(base, True)
-    for node in (base.sweep.sampler, base.sweep.pruner, base.params):
+    for node in (base.sweep.sampler, base.sweep.pruner, base.params, base.design):
         OmegaConf.set_struct(node, False)
     try:
         merged = OmegaConf.merge(base, OmegaConf.load(path))
@@ -108,6 +112,13 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
             expressions[override.key_or_group.lstrip("+")] = text.partition("=")[2]
         else:
             fixed.append(text)
+    design = load_design(merged.design)
+    if design is not None:
+        if expressions:
+            raise ConfigError(f"{path}: a designed study takes its values from design.vary, not from params "
+                              f"({', '.join(expressions)}); remove one of them.")
+        expressions = design.expressions()
+        merged.sweep.n_trials = design.n_trials()
     if not expressions:
         raise ConfigError(f"{path} searches nothing: add params (e.g. kernel: choice(3,5,7)).")
     space = {key: distribution(key, expression, parser) for key, expression in expressions.items()}
@@ -115,10 +126,15 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
     settings = merged.sweep
     settings.study_name = settings.study_name or path.stem
     base_cfg = compose_config(fixed)
+    if design is not None and design.fixed():  # e.g. the baseline's width when no question varies it
+        fixed += [f"{'' if OmegaConf.select(base_cfg, k, default='__absent__') != '__absent__' else '+'}{k}={v}"
+                  for k, v in design.fixed().items()]
+        base_cfg = compose_config(fixed)
     # Which searched keys need '+': those the composed config does not have (the shortcuts).
-    add_keys = {key for key in space if OmegaConf.select(base_cfg, key, default="__absent__") == "__absent__"}
+    keys = set(space) | set(design.baseline if design else {})
+    add_keys = {key for key in keys if OmegaConf.select(base_cfg, key, default="__absent__") == "__absent__"}
     return Sweep(settings=settings, space=space, expressions=expressions, overrides=fixed, base=base_cfg,
-                 add_keys=add_keys, path=path)
+                 add_keys=add_keys - {TASK}, path=path, design=design)
 
 
 def distribution(key: str, expression: str, parser=None) -> optuna.distributions.BaseDistribution:
@@ -188,7 +204,12 @@ def suggest(trial: optuna.Trial, space: dict) -> dict:
 
 
 def trial_overrides(sweep: Sweep, values: dict) -> list[str]:
-    return [f"{'+' if key in sweep.add_keys else ''}{key}={value}" for key, value in values.items()]
+    """The overrides of one trial's values; a designed study's `task` becomes its arm's overrides."""
+    arm = values.get(TASK)
+    out = [f"{'+' if key in sweep.add_keys else ''}{key}={value}" for key, value in values.items() if key != TASK]
+    if sweep.design is not None and arm in sweep.design.arms:
+        out += list(sweep.design.arms[arm])
+    return out
 
 
 def describe_space(sweep: Sweep) -> dict[str, str]:

@@ -15,6 +15,7 @@ from cnnexp.config import optimizer_settings
 from cnnexp.errors import NonFiniteLossError
 from cnnexp.runtime import keras
 
+
 @dataclass
 class TrainResult:
     """What one training produced. `history` holds every epoch, those before a resume included."""

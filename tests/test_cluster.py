@@ -159,7 +159,7 @@ def test_sigkill_worker_trial_is_failed_as_stale_and_others_carry_on(tmp_path):
 def test_a_killed_workers_trial_resumes_from_its_last_epoch_in_the_same_mlflow_run(tmp_path):
     """SIGKILL during epoch 3 of 4; the next worker trains only epochs 3-4, into the same MLflow run."""
     overrides = ["sweep.heartbeat_interval=1", "sweep.grace_period=3", "train.epochs=4",
-                 "dataset.train_limit=3000", "+width=0.5", "sweep.retry_failed=1"]
+                 "dataset.train_limit=3000", "++width=0.5", "sweep.retry_failed=1"]
     path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"n_trials": 1})
     victim = start_worker(path, *overrides, log=tmp_path / "victim.log", worker=0)
 

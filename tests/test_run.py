@@ -127,7 +127,7 @@ def test_adam_alone_gets_adams_learning_rate_and_trains_well(tmp_path, cifar_jpe
     assert result["test_accuracy"] > 0.25 and not result.warnings
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (r,) = client.search_runs([client.get_experiment_by_name("cnnexp").experiment_id])
-    assert r.data.params["train.lr"] == "0.001" and r.data.params["train.optimizer"] == "adam"
+    assert r.data.params["train.lr"] == "0.0003" and r.data.params["train.optimizer"] == "adam"
     assert "cnnexp.flag" not in r.data.tags
 
 

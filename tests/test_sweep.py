@@ -84,7 +84,7 @@ def test_sweep_records_trials_in_optuna_mlflow_and_the_report(tmp_path):
         # What is logged is what was trained: the resolved layers, quarter width, the trial's kernel.
         k = trial.params["kernel"]
         assert child.data.params["model.layers_resolved"] == f"c16k{k} c16k{k} m2 c32k{k} m2 c32k{k} f d1024 d10"
-        assert child.data.params["train.lr"] == "0.001"  # Adam's own default, not SGD's 0.01
+        assert child.data.params["train.lr"] == "0.0003"  # Adam's default here, not SGD's 0.01
         assert int(child.data.params["model.num_params"]) == trial.user_attrs["params"]
     best = result.best_trial
     best_child = by_number[best.number]
