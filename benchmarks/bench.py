@@ -1,4 +1,4 @@
-"""Benchmarks, side by side in one process: `make bench` (or `python -m cnnexp.bench [--tiny]`).
+"""Benchmarks, side by side in one process: `make bench` (or `python benchmarks/bench.py --data PATH [--tiny]`).
 
 1. training throughput: a bare `model.fit` on NumPy arrays (the notebook) vs `cnnexp.run`
    with MLflow on, and each training option on its own;
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from cnnexp import PROJECT_ROOT, runtime
+from cnnexp import runtime
 
-SHARED_CIFAR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# The CIFAR-10 image-folder archive (or folder) to measure on: --data, or $CNNEXP_BENCH_DATA.
+SHARED_CIFAR = Path(os.environ.get("CNNEXP_BENCH_DATA", "cifar10-jpeg.tar.gz"))
 
 SIZES = {  # (train images, test images, epochs, repeats, width, trials for the sweep parts)
     "full": {"train": 2000, "test": 1000, "epochs": 3, "repeats": 3, "width": 1.0, "sweep_trials": 4,
@@ -34,6 +35,9 @@ SIZES = {  # (train images, test images, epochs, repeats, width, trials for the 
     "tiny": {"train": 400, "test": 200, "epochs": 2, "repeats": 1, "width": 0.125, "sweep_trials": 1,
              "sweep_width": 0.125, "sweep_train": 400, "memory_trials": 2},
 }
+
+
+LONG = ("memory", "workers")  # behind --full (make bench FULL=1): tens of minutes on 2 cores
 
 
 def rss_mb() -> float:
@@ -71,7 +75,7 @@ def bare_fit(cfg, callbacks=()) -> dict:
     from cnnexp.run import prepare
     from cnnexp.train import epoch_timer, make_optimizer
 
-    layers, data = prepare(cfg)
+    layers, data = prepare(cfg, validated=True)
     k = runtime.keras()
     k.backend.clear_session()
     k.utils.set_random_seed(int(cfg.train.seed))
@@ -188,18 +192,20 @@ def bench_memory(size: dict, tmp: Path) -> dict:
     path = _sweep_file(tmp, size, "memory", {"name": "none"}, n, {"kernel": "choice(2,3,4,5,6,7)"})
     loaded = sweep.load_sweep(str(path))
     samples = []
-    real_run_trial = sweep.run_trial
+    from cnnexp import objective
+
+    real_run = objective.run
 
     def measured(*args, **kwargs):
-        frozen = real_run_trial(*args, **kwargs)
+        result = real_run(*args, **kwargs)
         samples.append(rss_mb())
-        return frozen
+        return result
 
-    sweep.run_trial = measured
+    objective.run = measured
     try:
         sweep.optimize(loaded, show_progress=False)
     finally:
-        sweep.run_trial = real_run_trial
+        objective.run = real_run
     settle = min(2, len(samples) - 1)  # the first trials fill allocator pools and caches
     inline = {"trials": n, "rss_mb_after_each": [round(v) for v in samples],
               "growth_mb_after_warmup": round(samples[-1] - samples[settle], 1), "peak_mb": round(max(samples))}
@@ -324,14 +330,20 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cnnexp.bench", description=__doc__.split("\n\n")[0])
+    global SHARED_CIFAR
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=SHARED_CIFAR,
+                        help="the CIFAR-10 image-folder archive or folder (default: $CNNEXP_BENCH_DATA)")
+    parser.add_argument("--full", action="store_true", help="also the long parts: memory soak and local workers")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long configuration (for tests)")
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--only", nargs="*",
                         choices=["throughput", "trial_overhead", "pruning", "memory", "workers", "data"])
     args = parser.parse_args(argv)
+    SHARED_CIFAR = args.data.resolve()
     if not SHARED_CIFAR.exists():
-        print(f"error: the benchmarks read {SHARED_CIFAR}; it is not there.")
+        print(f"error: the benchmarks read the CIFAR-10 image folder {SHARED_CIFAR}; it is not there "
+              "(pass --data or set CNNEXP_BENCH_DATA).")
         return 2
     size = SIZES["tiny" if args.tiny else "full"]
     out = Path(args.out)
@@ -341,7 +353,7 @@ def main(argv=None) -> int:
              "memory": bench_memory, "workers": bench_workers, "data": bench_data}
     with tempfile.TemporaryDirectory(prefix="cnnexp-bench-") as tmp:
         for name, fn in parts.items():
-            if args.only and name not in args.only:
+            if (args.only and name not in args.only) or (name in LONG and not (args.full or args.only)):
                 continue
             began = time.perf_counter()
             folder = Path(tmp) / name
@@ -349,7 +361,7 @@ def main(argv=None) -> int:
             report[name] = fn(size, folder)
             print(f"{name}: {json.dumps(report[name])} ({time.perf_counter() - began:.0f} s)", flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if not args.only:
+    if not args.only and args.full:
         (out / "report.md").write_text(to_markdown(report))
         print(to_markdown(report))
     print(f"Written: {out / 'report.json'}" + ("" if args.only else f", {out / 'report.md'}"))
