@@ -1,5 +1,8 @@
 """Benchmarks, side by side in one process: `make bench` (or `python benchmarks/bench.py --data PATH [--tiny]`).
 
+0. time to answer: the designed study of the notebook's questions against a naive full-fidelity
+   grid of the same cells (benchmarks/time_to_answer.py): compute, wall time, verdicts;
+
 1. training throughput: a bare `model.fit` on NumPy arrays (the notebook) vs `cnnexp.run`
    with MLflow on, and each training option on its own;
 2. per-trial overhead: a sweep of K trials vs K bare fits of the same configurations;
@@ -18,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +29,10 @@ from pathlib import Path
 import yaml
 
 from cnnexp import runtime
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling module
+from time_to_answer import bench_time_to_answer  # noqa: E402
+from time_to_answer import to_markdown as time_to_answer_markdown  # noqa: E402
 
 # The CIFAR-10 image-folder archive (or folder) to measure on: --data, or $CNNEXP_BENCH_DATA.
 SHARED_CIFAR = Path(os.environ.get("CNNEXP_BENCH_DATA", "cifar10-jpeg.tar.gz"))
@@ -38,6 +46,12 @@ SIZES = {  # (train images, test images, epochs, repeats, width, trials for the 
 
 
 LONG = ("memory", "workers")  # behind --full (make bench FULL=1): tens of minutes on 2 cores
+# Minutes each part takes on the 2-core CPU these were measured on, printed before it starts.
+EXPECTED = {"tiny": {"time_to_answer": 2, "throughput": 1, "trial_overhead": 1, "pruning": 1, "memory": 1,
+                     "workers": 2, "data": 1},
+            "default": {"time_to_answer": 4, "throughput": 5, "trial_overhead": 1, "pruning": 2, "data": 1},
+            "full": {"time_to_answer": 40, "throughput": 5, "trial_overhead": 1, "pruning": 2, "memory": 8,
+                     "workers": 6, "data": 1}}
 
 
 def rss_mb() -> float:
@@ -295,6 +309,8 @@ def bench_data(size: dict, tmp: Path) -> dict:
 def to_markdown(report: dict) -> str:
     lines = ["# cnnexp benchmarks", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()),
              f"Size: {report['size']}", ""]
+    if "time_to_answer" in report:
+        lines += [*time_to_answer_markdown(report["time_to_answer"]), ""]
     t = report["throughput"]
     lines += ["## 1. Training throughput (images/s, median of repeats; target: cnnexp.run >= 1.0x bare)", "",
               "| variant | images/s | ratio vs bare | runs |", "|---|---:|---:|---|"]
@@ -310,21 +326,23 @@ def to_markdown(report: dict) -> str:
               for k, v in p.items() if isinstance(v, dict)]
     lines += ["", f"Epochs saved: **{p['epochs_saved_percent']}%**, best accuracy change: "
               f"**{p['best_accuracy_change_points']} points**."]
-    m = report["memory"]
-    r = m["recycled"]
-    lines += ["", "## 4. Memory over consecutive trials (target: growth <= 100 MB)", "",
+    m = report.get("memory")
+    r = m["recycled"] if m else None
+    lines += [] if m is None else ["", "## 4. Memory over consecutive trials (target: growth <= 100 MB)", "",
               f"In one process (the API, `sweep.recycle_after=0`): RSS after each of {m['trials']} trials (MB): "
               f"{m['rss_mb_after_each']}; growth after warm-up **{m['growth_mb_after_warmup']} MB**, peak {m['peak_mb']} MB.",
               "", f"The CLI (restarts its process every {r['recycle_after']} trials): peak RSS in the first quarter "
               f"{r['peak_first_quarter_mb']} MB, in the last {r['peak_last_quarter_mb']} MB: growth **{r['growth_mb']} MB**, "
               f"peak {r['peak_mb']} MB."]
-    w = report["workers"]
-    lines += ["", f"## 5. Local workers on one study ({runtime.device_description()}; SQLite storage)", "",
+    w = report.get("workers", {})
+    lines += [] if not w else ["", f"## 5. Local workers on one study ({runtime.device_description()}; SQLite storage)", "",
               "| workers | trials | wall (s) | trials/hour |", "|---:|---:|---:|---:|"]
     lines += [f"| {k} | {v['complete']}/{v['trials']} | {v['wall_seconds']} | {v['trials_per_hour']} |" for k, v in w.items()]
+    if not (m and w):
+        lines += ["", "(memory soak and local workers: `make bench FULL=1`)"]
     d = report["data"]
     lines += ["", "## 6. Data: CIFAR-10 image folder, cold vs cached", "",
-              f"{d['images']} images: cold (extract + decode) **{d['cold_seconds']} s**, from the cache "
+              f"{d['images']} images: cold (read the archive + decode) **{d['cold_seconds']} s**, from the cache "
               f"**{d['cached_seconds']} s** ({d['speedup']}x)."]
     return "\n".join(lines) + "\n"
 
@@ -334,7 +352,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED_CIFAR,
                         help="the CIFAR-10 image-folder archive or folder (default: $CNNEXP_BENCH_DATA)")
-    parser.add_argument("--full", action="store_true", help="also the long parts: memory soak and local workers")
+    parser.add_argument("--mnist", type=Path, default=None,
+                        help="the MNIST idx folder for the time-to-answer part (default: mnist-t10k beside --data)")
+    parser.add_argument("--full", action="store_true",
+                        help="also the long parts: memory soak, local workers, time to answer at full scale")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long configuration (for tests)")
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--only", nargs="*",
@@ -349,19 +370,23 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "size": "tiny" if args.tiny else "full"}
-    parts = {"throughput": bench_throughput, "trial_overhead": bench_trial_overhead, "pruning": bench_pruning,
+    mnist = (args.mnist or SHARED_CIFAR.parent / "mnist-t10k").resolve()
+    answer_scale = "tiny" if args.tiny else ("full" if args.full else "default")
+    parts = {"time_to_answer": lambda size, folder: bench_time_to_answer(answer_scale, folder, SHARED_CIFAR, mnist),
+             "throughput": bench_throughput, "trial_overhead": bench_trial_overhead, "pruning": bench_pruning,
              "memory": bench_memory, "workers": bench_workers, "data": bench_data}
     with tempfile.TemporaryDirectory(prefix="cnnexp-bench-") as tmp:
         for name, fn in parts.items():
             if (args.only and name not in args.only) or (name in LONG and not (args.full or args.only)):
                 continue
+            print(f"{name}: running (about {EXPECTED[answer_scale].get(name, '?')} min here) ...", flush=True)
             began = time.perf_counter()
             folder = Path(tmp) / name
             folder.mkdir()
             report[name] = fn(size, folder)
             print(f"{name}: {json.dumps(report[name])} ({time.perf_counter() - began:.0f} s)", flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if not args.only and args.full:
+    if not args.only:
         (out / "report.md").write_text(to_markdown(report))
         print(to_markdown(report))
     print(f"Written: {out / 'report.json'}" + ("" if args.only else f", {out / 'report.md'}"))

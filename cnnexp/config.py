@@ -83,6 +83,25 @@ def _unknown(key: str, choices: set[str], extra: str = "") -> None:
     raise ConfigError(f"Unknown config key '{key}'.{hint}{extra}")
 
 
+def anchor_paths(overrides: Iterable[str], root: Path) -> list[str]:
+    """Relative paths in overrides written in a file, made absolute against that file's project root."""
+    out = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if sep and _is_path_key(key) and value and not _is_absolute(value):
+            value = str((root / value).resolve())
+        out.append(f"{key}{sep}{value}")
+    return out
+
+
+def _is_path_key(key: str) -> bool:
+    return key.lstrip("+").endswith(("path", "cache_dir", "artifact_root"))
+
+
+def _is_absolute(value: str) -> bool:
+    return "://" in value or value.startswith(("/", "$", "~", "null"))
+
+
 def effective_overrides(overrides: Iterable[str]) -> list[str]:
     """Overrides with later ones replacing earlier ones for the same key, and paths made absolute.
 
@@ -92,8 +111,7 @@ def effective_overrides(overrides: Iterable[str]) -> list[str]:
     by_key: dict[str, str] = {}
     for text in overrides:
         key, sep, value = text.partition("=")
-        if sep and key.lstrip("+").endswith(("path", "cache_dir", "artifact_root")) and value and "://" not in value \
-                and not value.startswith(("/", "$", "~", "null")):
+        if sep and _is_path_key(key) and value and not _is_absolute(value):
             value = str(Path(value).resolve())
         by_key.pop(key.lstrip("+"), None)  # keep the last one, in its place
         by_key[key.lstrip("+")] = f"{key}{sep}{value}"
@@ -165,6 +183,10 @@ def validate_train_config(train_cfg) -> None:
         number("steps_per_execution", integer=True, low=1)
     if train_cfg.get("pipeline") not in ("tf_data", "numpy"):
         raise ConfigError(f"train.pipeline={train_cfg.get('pipeline')!r} must be tf_data or numpy.")
+    if train_cfg.get("images_per_epoch") is not None:
+        number("images_per_epoch", integer=True, low=int(train_cfg.batch_size))
+        if train_cfg.pipeline != "tf_data":
+            raise ConfigError("train.images_per_epoch needs train.pipeline=tf_data (an endless, reshuffled stream).")
     stopping = train_cfg.early_stopping
     if stopping.enabled:
         if stopping.monitor not in ("val_loss", "val_accuracy", "loss", "accuracy"):

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from cnnexp import PROJECT_ROOT
+from cnnexp.config import anchor_paths
 from cnnexp.errors import ConfigError
 
 TASK = "task"
@@ -79,5 +81,5 @@ def load_design(node: DictConfig | None) -> Design | None:
         if not isinstance(levels, list) or len(levels) < 2 or baseline[key] not in levels:
             raise ConfigError(f"design.vary.{key}={levels!r} must list at least 2 values, the baseline "
                               f"({baseline[key]!r}) among them.")
-    arms = {str(k): list(v) for k, v in (raw.get("arms") or {}).items()}
+    arms = {str(k): anchor_paths(list(v), PROJECT_ROOT) for k, v in (raw.get("arms") or {}).items()}
     return Design(seeds=seeds, baseline=baseline, vary=vary, main=str(raw.get("main", "main")), arms=arms)

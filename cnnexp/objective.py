@@ -18,7 +18,7 @@ import uuid
 
 import optuna
 
-from cnnexp import runtime, tracking
+from cnnexp import runtime, tracking, ui
 from cnnexp.config import compose_config, effective_overrides, overrides_to_command
 from cnnexp.console import say
 from cnnexp.run import USER_ERRORS, run
@@ -108,6 +108,8 @@ class Objective:
         label = describe(values)
         name = (f"t{repeat_of} repeat seed {seed}" if repeat_of is not None else f"t{trial.number} {label}")
         child = self._child_run(trial, name, seed, repeat_of, retry_of)
+        if retry_of is None:
+            ui.log_searched(child, values)  # short columns for the study's view in the MLflow UI
         plain = ", ".join(f"{k}={v}" for k, v in values.items())
         what = (f"repeat of trial {repeat_of} ({plain}), seed {seed}" if repeat_of is not None
                 else plain + (f", seed {seed}" if seed != int(sweep.base.train.seed) else ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import platform
 import subprocess
@@ -13,7 +14,8 @@ from functools import cache
 # TensorFlow's C++ logging is configured from the environment when it is first imported,
 # so these must be set before any `import tensorflow` or `import keras`.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# TensorFlow when it is installed, else JAX (GPU machines often have JAX only); KERAS_BACKEND wins.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow" if importlib.util.find_spec("tensorflow") else "jax")
 # MLflow retries an unreachable server for minutes by default; a sweep should warn and go on.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")

@@ -20,8 +20,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cnnexp import SWEEPS_DIR
-from cnnexp.config import compose_config
+from cnnexp import PROJECT_ROOT, SWEEPS_DIR
+from cnnexp.config import anchor_paths, compose_config
 from cnnexp.design import TASK, Design, load_design
 from cnnexp.errors import ConfigError
 
@@ -98,7 +98,8 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
 
     parser = OverridesParser.create()
     expressions = {str(k).lstrip("+"): str(v) for k, v in merged.params.items()}
-    fixed = list(merged.overrides)
+    # Paths in a sweep file are relative to the project (../shared/data/...), whatever the working folder.
+    fixed = anchor_paths(merged.overrides, PROJECT_ROOT)
     for text in cli_overrides:
         if text.startswith("sweep."):
             key, _, value = text.partition("=")

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
-from cnnexp import tracking
+from cnnexp import tracking, ui
 from cnnexp.console import say, setup_logging
 from cnnexp.errors import CnnexpError, StorageError
 from cnnexp.locks import store_lock
@@ -68,6 +68,9 @@ def optimize(sweep: Sweep, show_progress: bool = True, recycle_after: int | None
     settings = sweep.settings
     preflight(sweep)
     study = open_study(settings, sweep.space, metric_names=[str(settings.metric)])
+    apply_plan(sweep, study)
+    if sweep.design is not None:
+        enqueue_design(study, sweep)
     parent = attach_study_run(sweep, study)
     objective = Objective(sweep, study, parent.run_id)
     total, started = int(settings.n_trials), time.monotonic()
@@ -177,6 +180,86 @@ def enqueue_repeats(study: optuna.Study, settings) -> int:
     return queued
 
 
+def apply_plan(sweep: Sweep, study: optuna.Study) -> None:
+    """With `sweep.budget`: choose the training-set size once per study, print it, and use it.
+
+    The plan is stored on the study, so that every worker and every resumed run trains on the
+    same data as the first; a study without a budget trains what it was told to.
+    """
+    from cnnexp import budget
+
+    settings = sweep.settings
+    seconds = budget.parse_budget(settings.get("budget"))
+    stored = study.user_attrs.get("plan")
+    if stored is None and seconds is None:
+        return
+    if stored is None:
+        with store_lock(str(settings.storage)):
+            stored = study.user_attrs.get("plan")
+            if stored is None:
+                say(f"Timing one training step of each configuration for sweep.budget={settings.budget} ...")
+                stored = budget.as_attr(_make_plan(sweep, seconds))
+                study.set_user_attr("plan", stored)
+    plan = budget.Plan(**stored)
+    say(plan.text())
+    # A designed study's arms keep their own data: their overrides come after this one.
+    sweep.overrides.append(f"dataset.train_limit={plan.train_limit}")
+
+
+def _make_plan(sweep: Sweep, seconds: float):
+    from cnnexp import budget
+    from cnnexp.run import prepare
+    from cnnexp.space import trial_overrides
+
+    base = sweep.base
+    full = int(base.dataset.train_limit) if base.dataset.get("train_limit") else None
+    if full is None:
+        _, data = prepare(base, validated=True)
+        full = len(data.y_train) + len(data.y_val)
+    epochs = int(base.train.epochs)
+    if sweep.design is None:
+        runs, main = [list(sweep.overrides)] * int(sweep.settings.n_trials), [True] * int(sweep.settings.n_trials)
+        fixed = {}
+    else:
+        runs, main, fixed = [], [], {}
+        for cell in sweep.design.cells():
+            arm = cell.get("task") in sweep.design.arms
+            overrides = [*sweep.overrides, *trial_overrides(sweep, cell)]
+            if arm:
+                from cnnexp.config import compose_config
+
+                _, data = prepare(compose_config(overrides), validated=True)
+            for _ in range(sweep.design.seeds):
+                if arm:
+                    fixed[len(runs)] = len(data.y_train)
+                runs.append(overrides)
+                main.append(not arm)
+    return budget.plan(runs, main, seconds, full, epochs, fixed)
+
+
+def enqueue_design(study: optuna.Study, sweep: Sweep) -> int:
+    """Queue every cell of a designed study `seeds` times, minus what the study already holds."""
+    from cnnexp.study import config_key
+
+    with store_lock(str(sweep.settings.storage)):
+        study.set_user_attr("design", {"main": sweep.design.main, "baseline": sweep.design.baseline,
+                                       "arms": list(sweep.design.arms), "seeds": sweep.design.seeds})
+        trials = study.get_trials(deepcopy=False)
+        queued = 0
+        for cell in sweep.design.cells():
+            key = config_key(cell)
+            have = sum(1 for t in trials if config_key(_fixed_or_params(t)) == key
+                       and t.state != optuna.trial.TrialState.FAIL)
+            for _ in range(sweep.design.seeds - have):
+                study.enqueue_trial(cell)
+                queued += 1
+    return queued
+
+
+def _fixed_or_params(trial: optuna.trial.FrozenTrial) -> dict:
+    return trial.params or trial.system_attrs.get("fixed_params", {})
+
+
 def attach_study_run(sweep: Sweep, study: optuna.Study) -> tracking.Run:
     """Find or create the study's MLflow parent run, once for all workers, and record it in the study."""
     settings = sweep.settings
@@ -193,6 +276,10 @@ def attach_study_run(sweep: Sweep, study: optuna.Study) -> tracking.Run:
 
             study.set_user_attr("mlflow_parent_run_id", parent.run_id)
             study.set_user_attr("mlflow_tracking_uri", mlflow.get_tracking_uri())
+            url = ui.share_study_view(parent, str(settings.study_name), list(sweep.space), str(settings.metric),
+                                            str(settings.direction))
+            if url:  # the page that opens this study's runs, for the report and the terminal
+                study.set_user_attr("mlflow_ui_url", url)
         study.set_user_attr("metric", str(settings.metric))
     return parent
 

@@ -15,123 +15,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp.locks import storage_file, store_lock
+from cnnexp.store import TrackingUnavailable, absolute_uri, configure  # noqa: F401 - the store, re-exported
 
 log = logging.getLogger(__name__)
 
 TAG_PREFIX = "cnnexp."
-# MLflow 3's UI opens GenAI experiments on traces; this tag marks ours as model training.
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-
-
-class TrackingUnavailable(Exception):
-    """The MLflow store can't be used; the message names it and why."""
-
-
-def absolute_uri(uri: str) -> str:
-    """sqlite:///mlflow.db -> sqlite:////abs/path/mlflow.db, so that other processes find the same store."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
-    return uri
-
-
-_EXPERIMENTS: dict[tuple[str, str], str] = {}
-_BROKEN: dict[str, str] = {}
-
-
-def configure(tracking_cfg) -> str | None:
-    """Point MLflow at the configured store and return the experiment id (None when tracking is off).
-
-    Raises:
-        TrackingUnavailable: the store can't be reached, created or written within `tracking.timeout` s.
-    """
-    if not tracking_cfg.enabled:
-        return None
-    import mlflow
-
-    uri = absolute_uri(str(tracking_cfg.uri))
-    mlflow.set_tracking_uri(uri)
-    key = (uri, str(tracking_cfg.experiment))
-    if key in _EXPERIMENTS:
-        return _EXPERIMENTS[key]
-    if uri in _BROKEN:
-        raise TrackingUnavailable(_BROKEN[uri])
-    _check_local_store(uri)
-    timeout = float(tracking_cfg.get("timeout", 30))
-    result: dict = {}
-
-    def contact():
-        try:
-            # MLflow creates (migrates) a new SQLite store on first contact: one process at a time.
-            with store_lock(uri, "mlflow") if storage_file(uri) else contextlib.nullcontext():
-                result["id"] = _experiment_id(mlflow, tracking_cfg, uri)
-        except BaseException as err:  # noqa: BLE001 - reported below, in the caller's thread
-            result["error"] = err
-
-    thread = threading.Thread(target=contact, daemon=True, name="mlflow-first-contact")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        reason = f"MLflow store {uri} did not answer within tracking.timeout={timeout:g}s"
-    elif "error" in result:
-        err = result["error"]
-        reason = f"MLflow store {uri} can't be used: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
-    else:
-        _EXPERIMENTS[key] = result["id"]
-        return result["id"]
-    _BROKEN[uri] = reason
-    raise TrackingUnavailable(reason)
-
-
-def _check_local_store(uri: str) -> None:
-    """Fail at once, not after minutes of MLflow's retries, on a SQLite file we can't write."""
-    path = storage_file(uri) if uri.startswith("sqlite") else None
-    if path is None:
-        return
-    folder = path.parent
-    if path.exists() and not os.access(path, os.W_OK):
-        raise TrackingUnavailable(f"MLflow store {uri} is read-only; point tracking.uri (or MLFLOW_TRACKING_URI) "
-                                  "at a writable file")
-    if not path.exists() and (not _nearest_existing(folder).is_dir() or not os.access(_nearest_existing(folder), os.W_OK)):
-        raise TrackingUnavailable(f"MLflow store {uri}: folder {folder} is not writable; point tracking.uri "
-                                  "(or MLFLOW_TRACKING_URI) at a writable place")
-
-
-def _nearest_existing(folder: Path) -> Path:
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
-
-
-def _experiment_id(mlflow, tracking_cfg, uri: str) -> str:
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(str(tracking_cfg.experiment))
-    if experiment is None:
-        location = None
-        if tracking_cfg.artifact_root and not uri.startswith(("http://", "https://", "databricks")):
-            # A local store keeps artifacts beside it, at an absolute location, so that
-            # `make ui` finds them whatever folder a run was started from.
-            location = Path(os.path.expanduser(str(tracking_cfg.artifact_root))).resolve().as_uri()
-        try:
-            return client.create_experiment(str(tracking_cfg.experiment), artifact_location=location,
-                                            tags=EXPERIMENT_TAGS)
-        except mlflow.exceptions.MlflowException:
-            # Another process created it between our lookup and our create.
-            experiment = client.get_experiment_by_name(str(tracking_cfg.experiment))
-    for key, value in EXPERIMENT_TAGS.items():
-        if experiment.tags.get(key) != value:
-            client.set_experiment_tag(experiment.experiment_id, key, value)
-    return experiment.experiment_id
-
-
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
     """Flatten a config into MLflow params: {'train.lr': '0.01', 'model.layers': '[...]'}."""
     node = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -417,12 +311,3 @@ def study_run(tracking_cfg, study_name: str, params: dict, known_id: str | None 
                                                           "mlflow.source.git.commit": git_commit() or ""})
     run.log_params(params)
     return run
-
-
-def ui_url(base: str, experiment_id: str | None, run_id: str | None = None) -> str | None:
-    """The MLflow UI page of the study's runs (MLflow 3 opens GenAI experiments on traces otherwise)."""
-    if experiment_id is None:
-        return None
-    if run_id:
-        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"{base}/#/experiments/{experiment_id}/runs"

@@ -78,14 +78,16 @@ def epoch_timer():
     return EpochTimer()
 
 
-def make_dataset(x, y, batch_size: int, shuffle_seed: int | None = None):
-    """A tf.data pipeline over in-memory arrays: cached, shuffled per epoch, prefetched."""
+def make_dataset(x, y, batch_size: int, shuffle_seed: int | None = None, repeat: bool = False):
+    """A tf.data pipeline over in-memory arrays: cached, shuffled per pass, prefetched (endless with `repeat`)."""
     from cnnexp.runtime import tensorflow
 
     tf = tensorflow()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
     if shuffle_seed is not None:
         ds = ds.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -205,7 +207,12 @@ def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None) -> Tr
         ))
     batch = int(train_cfg.batch_size)
     has_val = len(data.y_val) > 0
-    if train_cfg.pipeline == "tf_data":
+    per_epoch = train_cfg.get("images_per_epoch")
+    if per_epoch:  # an "epoch" is a chunk of the endless, reshuffled stream: fidelity in images seen
+        stream = make_dataset(data.x_train, data.y_train, batch, int(train_cfg.seed), repeat=True)
+        inputs = {"x": stream, "shuffle": False, "steps_per_epoch": max(1, int(per_epoch) // batch)}
+        validation = make_dataset(data.x_val, data.y_val, batch) if has_val else None
+    elif train_cfg.pipeline == "tf_data":
         inputs = {"x": make_dataset(data.x_train, data.y_train, batch, int(train_cfg.seed)), "shuffle": False}
         validation = make_dataset(data.x_val, data.y_val, batch) if has_val else None
     else:  # Keras' own adapter over the arrays, as the notebook did
@@ -247,7 +254,7 @@ def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None) -> Tr
         test_accuracy=float(test_accuracy),
         epochs_run=len(history.get("loss", [])),
         train_seconds=seconds,
-        images_per_second=timer.images_per_second(len(data.y_train)),
+        images_per_second=timer.images_per_second(int(per_epoch) if per_epoch else len(data.y_train)),
         params=int(model.count_params()),
         resumed_from_epoch=resumed,
         warnings=flags,
