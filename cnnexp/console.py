@@ -70,6 +70,7 @@ def table(rows: list[dict], columns: list[str], width: int = 100, max_cell: int 
         if value is None or (isinstance(value, float) and value != value) or str(value) in ("<NA>", "nan"):
             return "-"
         if isinstance(value, float):
+            value = 0.0 if abs(value) < 1e-9 else value  # no 1.9e-16 for a difference that is zero
             return f"{value:.0f}" if value.is_integer() and abs(value) >= 100 else f"{value:.4g}"
         text = str(value)
         return text if len(text) <= max_cell else text[: max_cell - 1] + "…"
