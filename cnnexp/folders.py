@@ -193,7 +193,8 @@ def _decode(tree: Tree, names: list[str], shape: tuple[int, int, int], max_pixel
     skipped: dict[str, str] = {}
     began = time.perf_counter()
     # One thread: for small images the per-image Python work dominates and threads measured slower.
-    with (tqdm(total=len(names), desc=f"Decoding {tree.path.name}", unit="img", leave=False, file=sys.stderr) as bar,
+    with (tqdm(total=len(names), desc=f"Decoding {tree.path.name}", unit="img", leave=False, file=sys.stderr,
+               disable=not sys.stderr.isatty()) as bar,  # a log file gets the "Decoded N images" line
           warnings.catch_warnings()):
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # dataset.max_image_pixels decides
         for name, blob in tree.read(names):

@@ -19,8 +19,8 @@ GREY, BLUE, RED = "#9a9a9a", "#1f5fa8", "#b03030"
 
 
 def plot_all(study: optuna.Study, frame: pd.DataFrame, effects: pd.DataFrame, facts: dict, params: list[str],
-             folder: Path, metric: str = "val_accuracy", chance: float | None = 0.1) -> list[Path]:
-    """Write the plots; a plot that can't be drawn is skipped with a warning, never fatal."""
+             folder: Path, metric: str = "val_accuracy", chance: float | None = 0.1, curves_of=None) -> list[Path]:
+    """Write the plots; `curves_of` limits the learning curves to some trials (a design's main task)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +46,8 @@ def plot_all(study: optuna.Study, frame: pd.DataFrame, effects: pd.DataFrame, fa
     for param in params:
         save(f"score_vs_{param.replace('/', '_')}.png",
              lambda ax, p=param: score_vs(ax, frame, p, metric, chance, last))
-    save("learning_curves.png", lambda ax: learning_curves(ax, study, metric, chance, facts.get("epochs_band")))
+    save("learning_curves.png", lambda ax: learning_curves(ax, curves_of or study, metric, chance,
+                                                           facts.get("epochs_band")))
     save("history.png", lambda ax: history(ax, study, metric, chance))
     save("importances.png", lambda ax: importances(ax, effects))
     return written

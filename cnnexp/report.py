@@ -174,7 +174,11 @@ def write_report(study: optuna.Study, settings, parent: tracking.Run | None = No
     frame.to_csv(out / "trials.csv", index=False)
     effects_out = effects[EFFECT_COLUMNS + [c for c in effects.columns if c not in EFFECT_COLUMNS]]
     effects_out.to_csv(out / "effects.csv", index=False)
-    plots = plot_all(study, frame, effects, facts, params, out / "plots", metric=str(settings.metric))
+    design = study.user_attrs.get("design")
+    main_task = _Subset(study, set(frame.loc[frame["task"] == design["main"], "trial"])) \
+        if design and "task" in frame else None
+    plots = plot_all(study, frame, effects, facts, params, out / "plots", metric=str(settings.metric),
+                     curves_of=main_task)
 
     metric = str(settings.metric)
     best = best_trial(study)

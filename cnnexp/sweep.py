@@ -98,9 +98,10 @@ def optimize(sweep: Sweep, show_progress: bool = True, recycle_after: int | None
 
     try:
         _run_until_done(study, objective, after_trial, remaining, settings, ran, recycle_after)
-        if int(settings.repeats) > 0 and not (recycle_after and len(ran) >= recycle_after):
-            if enqueue_repeats(study, settings):
-                _run_until_done(study, objective, after_trial, remaining, settings, ran, None)
+        if int(settings.repeats) > 0 and _done(study, total):
+            enqueue_repeats(study, settings)  # idempotent: queues only the repeats still missing
+        if not (recycle_after and len(ran) >= recycle_after) and not _done(study, total):
+            _run_until_done(study, objective, after_trial, remaining, settings, ran, None)
     except KeyboardInterrupt:
         say("Interrupted: the running trial is marked FAIL, the study is saved; rerun the same command to resume.")
         parent.end("KILLED")
@@ -109,7 +110,7 @@ def optimize(sweep: Sweep, show_progress: bool = True, recycle_after: int | None
         bar.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if recycle_after and len(ran) >= recycle_after and count_trials(study.get_trials(deepcopy=False)) < total:
+    if recycle_after and len(ran) >= recycle_after and not _done(study, total):
         raise RecycleProcess
     return study
 
@@ -143,6 +144,12 @@ def _run_until_done(study, objective, after_trial, remaining, settings, ran, rec
             waited = True
         optuna.storages.fail_stale_trials(study)
         time.sleep(min(float(settings.heartbeat_interval), 5.0))
+
+
+def _done(study: optuna.Study, total: int) -> bool:
+    """Nothing left to run here: no queued trial (a design's cells, repeats, retries) and the total reached."""
+    trials = study.get_trials(deepcopy=False)
+    return not any(t.state == optuna.trial.TrialState.WAITING for t in trials) and count_trials(trials) >= total
 
 
 def trial_line(frozen: optuna.trial.FrozenTrial, metric: str) -> str:
@@ -333,7 +340,8 @@ def main(argv=None) -> int:
                 return code
             study = open_study(sweep.settings, sweep.space)
             return finish(sweep, study, report=not args.no_report)
-        if sweep.settings.estimate and os.environ.get("CNNEXP_WORKER") is None:
+        # With a budget the plan says what it will cost; the estimate is for studies without one.
+        if sweep.settings.estimate and not sweep.settings.get("budget") and os.environ.get("CNNEXP_WORKER") is None:
             from cnnexp.estimate import estimate
 
             message = estimate(sweep)

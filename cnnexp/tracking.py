@@ -199,14 +199,19 @@ class Run:
         self._safely("the run status", "set_terminated", self.run_id, status)
 
 
+def _experiment(tracking_cfg, what: str) -> str | None:
+    """The experiment id, or None (tracking off, or the store unusable: then one warning says so)."""
+    try:
+        return configure(tracking_cfg)
+    except TrackingUnavailable as err:
+        warn_once(f"{err}. Not logged to MLflow: {what}; training goes on, the result is printed "
+                  "and kept in the Optuna study.")
+        return None
+
+
 def open_run(tracking_cfg, name: str, tags: dict | None = None, parent_run_id: str | None = None) -> Run:
     """Create a run; a stand-in (logging nothing) with one warning when the store can't be used."""
-    try:
-        experiment_id = configure(tracking_cfg)
-    except TrackingUnavailable as err:
-        warn_once(f"{err}. Not logged to MLflow: this run's params, metrics and model; "
-                  "training goes on and the result is printed (and kept in the Optuna study).")
-        return Run(None)
+    experiment_id = _experiment(tracking_cfg, "this run's params, metrics and model")
     if experiment_id is None:
         return Run(None)
     all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
@@ -279,12 +284,7 @@ def study_run(tracking_cfg, study_name: str, params: dict, known_id: str | None 
 
     The caller holds the study lock, so that workers starting together find one parent.
     """
-    try:
-        experiment_id = configure(tracking_cfg)
-    except TrackingUnavailable as err:
-        warn_once(f"{err}. Not logged to MLflow: this study's runs; training goes on, results are printed "
-                  "and kept in the Optuna study.")
-        return Run(None)
+    experiment_id = _experiment(tracking_cfg, "this study's runs")
     if experiment_id is None:
         return Run(None)
 

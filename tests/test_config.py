@@ -16,9 +16,43 @@ GROUP_OPTIONS = [
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
 def test_every_config_group_option_composes(group, option):
+    """Selecting an option puts exactly that file's plain values into its section."""
+    import yaml
+
     extra = ["dataset.path=/some/folder"] if (group, option) == ("dataset", "folder") else []
     cfg = compose_config([f"{group}={option}", *extra])
-    assert cfg[group] is not None
+    written = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text())
+    for key, value in written.items():
+        if isinstance(value, str) and value.startswith(("${", "???")):
+            continue  # interpolations and required values are resolved or set elsewhere
+        assert cfg[group][key] == value, (group, option, key)
+
+
+def test_optimizer_defaults_fill_the_learning_rate_unless_it_is_set():
+    from cnnexp.config import optimizer_settings
+
+    assert optimizer_settings(compose_config().train) == ("SGD", 0.01, 0.9)
+    assert optimizer_settings(compose_config(["train.optimizer=adam"]).train) == ("Adam", 3e-4, None)
+    assert optimizer_settings(compose_config(["train.optimizer=adam", "train.lr=0.002"]).train)[1] == 0.002
+    assert optimizer_settings(compose_config(["train.optimizer=rmsprop"]).train) == ("RMSprop", 1e-3, 0.0)
+
+
+def test_images_per_epoch_needs_the_stream_pipeline():
+    assert compose_config(["train.images_per_epoch=5000"]).train.images_per_epoch == 5000
+    with pytest.raises(ConfigError, match="train.images_per_epoch needs train.pipeline=tf_data"):
+        compose_config(["train.images_per_epoch=5000", "train.pipeline=numpy"])
+    with pytest.raises(ConfigError, match="train.images_per_epoch=10 must be >= 100"):
+        compose_config(["train.images_per_epoch=10"])
+
+
+def test_reproduce_command_keeps_the_last_value_of_each_key_and_absolute_paths(tmp_path, monkeypatch):
+    from cnnexp.config import overrides_to_command
+
+    monkeypatch.chdir(tmp_path)
+    command = overrides_to_command(["dataset.train_limit=8000", "dataset.path=../data/x.tar.gz", "+width=0.25",
+                                    "dataset.train_limit=2000"])
+    assert command.count("dataset.train_limit") == 1 and "dataset.train_limit=2000" in command
+    assert f"dataset.path={(tmp_path.parent / 'data' / 'x.tar.gz').resolve()}" in command
 
 
 def test_default_is_the_notebook_experiment():

@@ -190,3 +190,25 @@ def test_a_kernel_larger_than_its_feature_map_warns(recwarn):
     validate_architecture(layers_from_config(cfg), cfg.dataset.input_shape, 10, cfg.model.padding)
     messages = [str(w.message) for w in recwarn.list]
     assert any("model.layers.0.kernel=40 is larger than the 32x32 feature map" in m for m in messages)
+
+
+def test_epochs_can_be_chunks_of_an_endless_stream(cifar_jpeg):
+    """train.images_per_epoch: the fidelity unit of optimize.yaml (Hyperband rungs in images seen)."""
+    overrides = [*folder_overrides(cifar_jpeg, train_limit=1000, test_limit=300), "+width=0.25", "tracking=off",
+                 "train.optimizer=adam", "train.epochs=3", "train.images_per_epoch=400", "train.verbose=0"]
+    result = run(compose_config(overrides), overrides=overrides)
+    assert len(result.history["val_accuracy"]) == 3 and result["epochs_run"] == 3
+    assert result["test_accuracy"] > 0.13
+
+
+@pytest.mark.parametrize(("flags", "gpu", "expected"), [
+    (set(), False, "float32"), ({"avx2", "fma"}, False, "float32"), ({"avx512_bf16"}, False, "mixed_bfloat16"),
+    ({"amx_bf16"}, False, "mixed_bfloat16"), (set(), True, "mixed_bfloat16"),
+])
+def test_precision_auto_uses_bfloat16_only_where_the_hardware_does_it(monkeypatch, flags, gpu, expected):
+    from cnnexp import runtime
+    from cnnexp.train import resolve_precision
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(runtime, "has_gpu", lambda: gpu)
+    assert resolve_precision(compose_config().train) == expected

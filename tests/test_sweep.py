@@ -353,3 +353,72 @@ def test_no_import_cycles_even_inside_functions():
     assert not cycles, cycles
     assert len(graph) > 15  # every module was read
     assert {"space", "study", "objective", "sweep", "tracking"} <= set(graph)
+
+
+@pytest.mark.parametrize("log_models", ["all", "none"])
+def test_log_models_all_or_none(tmp_path, log_models):
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"},
+                       settings={"n_trials": 2, "sampler": {"name": "grid"}, "log_models": log_models})
+    result = sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
+    assert states(result) == ["COMPLETE"] * 2
+    client, _, children = mlflow_runs(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = mlflow.search_logged_models(experiment_ids=[children[0].info.experiment_id], output_format="list")
+    assert {m.source_run_id for m in logged} == ({c.info.run_id for c in children} if log_models == "all" else set())
+    assert not client.search_registered_models()  # only `best` registers a champion
+
+
+def test_the_estimate_says_what_it_counts(tmp_path):
+    from cnnexp.estimate import estimate
+
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)", "train.epochs": "choice(1,3)"},
+                       settings={"n_trials": 4, "repeats": 1, "repeat_top": 2})
+    message = estimate(sweep.load_sweep(str(path)))
+    assert message.startswith("No GPU found") and "up to 6 trials x 3 epochs x 900 training images" in message
+    assert "on a dataset.train_limit=1000 subset" in message and "not shrunk" not in message
+
+
+def test_repeats_are_genuine_replicates_outside_the_trial_count(tmp_path):
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"},
+                       settings={"n_trials": 2, "sampler": {"name": "grid"}, "repeats": 2, "repeat_top": 1})
+    s = sweep.load_sweep(str(path))
+    result = sweep.optimize(s, show_progress=False)
+    main = [t for t in result.trials if "repeat_of" not in t.user_attrs]
+    repeats = [t for t in result.trials if "repeat_of" in t.user_attrs]
+    assert len(main) == 2 and len(repeats) == 2 and study.count_trials(result.trials) == 2
+    best = max(main, key=lambda t: t.value)
+    assert {t.user_attrs["repeat_of"] for t in repeats} == {best.number}
+    assert sorted(t.user_attrs["seed"] for t in [best, *repeats]) == [0, 1, 2]  # three different seeds
+    assert all(t.params == best.params and t.state.name == "COMPLETE" for t in repeats)
+    assert sweep.enqueue_repeats(result, s.settings) == 0  # a rerun queues nothing more
+    _, _, children = mlflow_runs(tmp_path)
+    assert {c.info.run_name for c in children if "cnnexp.repeat_of" in c.data.tags} == {
+        f"t{best.number} repeat seed 1", f"t{best.number} repeat seed 2"}
+
+
+def test_a_broken_mlflow_store_never_decides_a_sweep(tmp_path):
+    blocker = tmp_path / "store-is-a-file"
+    blocker.write_text("")
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"n_trials": 2, "sampler": {"name": "grid"}},
+                       overrides=[f"tracking.uri=sqlite:///{blocker / 'mlflow.db'}"])
+    s = sweep.load_sweep(str(path))
+    with pytest.warns(UserWarning, match="store-is-a-file.*Not logged to MLflow"):
+        result = sweep.optimize(s, show_progress=False)
+    assert states(result) == ["COMPLETE"] * 2 and all(t.value > 0 for t in result.trials)
+    assert sweep.finish(s, result) == 0 and (tmp_path / "out" / "tiny" / "effects.csv").exists()
+
+
+def test_recycled_workers_finish_queued_cells_and_repeats(tmp_path):
+    """A worker that restarts every trial (sweep.recycle_after=1) still runs everything queued, then stops."""
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"},
+                       settings={"n_trials": 2, "sampler": {"name": "grid"}, "repeats": 1, "repeat_top": 1})
+    restarts = 0
+    while True:
+        try:
+            result = sweep.optimize(sweep.load_sweep(str(path)), show_progress=False, recycle_after=1)
+            break
+        except sweep.RecycleProcess:
+            restarts += 1
+            assert restarts < 5, "a recycled worker never finishes"
+    assert restarts == 2 and states(result) == ["COMPLETE"] * 3
+    assert sum("repeat_of" in t.user_attrs for t in result.trials) == 1
