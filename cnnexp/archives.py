@@ -9,6 +9,7 @@ devices or pipes, which an image archive never needs. A damaged archive is one D
 from __future__ import annotations
 
 import os
+import stat
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -65,8 +66,15 @@ class _Directory(Tree):
 
     def read(self, names):
         for name in names:
+            path = self.path / name
             try:
-                yield name, (self.path / name).read_bytes()
+                info = path.lstat()  # the entry itself: a link to /dev/zero is not an image
+                if not stat.S_ISREG(info.st_mode):
+                    yield name, "not a regular file (a link, device or pipe)"
+                elif info.st_size > MAX_MEMBER_BYTES:
+                    yield name, f"{info.st_size:,} bytes: too large for an image"
+                else:
+                    yield name, path.read_bytes()
             except OSError as err:
                 yield name, f"cannot read: {err.strerror or err}"
 

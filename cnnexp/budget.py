@@ -49,7 +49,9 @@ class Plan:
                   else f"all {self.full_train:,} training images")
         return (f"Plan for sweep.budget={self.budget_s / 60:.0f} min on {self.device}: {self.trials} trials x "
                 f"{self.epochs} epochs on {shrunk} (dataset.train_limit={self.train_limit}); predicted "
-                f"{self.predicted_s / 60:.0f} min. A larger budget or a GPU trains on more data.")
+                f"{self.predicted_s / 60:.0f} min. A larger budget or a GPU trains on more data."
+                + (" The prediction exceeds the budget: lower sweep.n_trials or train.epochs."
+                   if self.predicted_s > self.budget_s * 1.05 else ""))
 
 
 def seconds_per_image(overrides: list[str]) -> float:
@@ -78,7 +80,7 @@ def seconds_per_image(overrides: list[str]) -> float:
 
 
 def plan(trial_overrides: list[list[str]], main: list[bool], budget_s: float, full_train: int, epochs: int,
-         fixed_train: dict[int, int]) -> Plan:
+         fixed_train: dict[int, int], images_per_epoch: int | None = None) -> Plan:
     """The largest training-set size for the main-task trials whose predicted total fits `budget_s`.
 
     Args:
@@ -99,12 +101,13 @@ def plan(trial_overrides: list[list[str]], main: list[bool], budget_s: float, fu
         total = 0.0
         for i, seconds in enumerate(per_image):
             # dataset.train_limit includes the validation split (train.val_fraction, 10%)
-            images = (0.9 * n if main[i] else fixed_train.get(i, n)) * epochs
+            per_epoch = images_per_epoch or 0.9 * n  # an epoch may be a fixed chunk of a stream
+            images = (per_epoch if main[i] else fixed_train.get(i, n)) * epochs
             total += images * seconds * (1 + OVERHEAD_SHARE) + OVERHEAD_SECONDS
         return total
 
     n = full_train
-    while n > MIN_TRAIN and predicted(n) > budget_s:
+    while n > MIN_TRAIN and predicted(n) > budget_s and not images_per_epoch:
         n = max(MIN_TRAIN, int(n * 0.9) // 500 * 500)
     return Plan(budget_s=budget_s, train_limit=n, full_train=full_train, epochs=epochs, trials=len(per_image),
                 predicted_s=predicted(n), device=runtime.device_description())

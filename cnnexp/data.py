@@ -219,6 +219,9 @@ def _locate(dataset_cfg, candidates: list[str], stage_as: str) -> Path | None:
     for candidate in candidates:
         if (searched / candidate).exists():
             return searched / candidate
+    fallback = dataset_cfg.get("fallback_path")
+    if fallback and Path(os.path.expanduser(str(fallback))).exists():
+        return Path(os.path.expanduser(str(fallback)))  # e.g. MNIST's t10k digits, said so in the report
     if dataset_cfg.download and _online():
         return None
     why = "dataset.download is false" if not dataset_cfg.download else "there is no network"

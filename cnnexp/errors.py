@@ -29,3 +29,7 @@ class NonFiniteLossError(CnnexpError, RuntimeError):
 
 class StorageError(CnnexpError):
     """A study storage, output or checkpoint folder can't be used; found before the first trial."""
+
+
+class TrackingUnavailable(CnnexpError):
+    """The MLflow store can't be used; the message names it and why. Never stops training: it becomes a warning."""

@@ -30,7 +30,7 @@ def estimate(sweep: Sweep) -> str | None:
     per_image = (time.perf_counter() - began) / (3 * len(y))
     keras.backend.clear_session()
     epochs = max_epochs(sweep)
-    n_train = len(dataset.y_train)
+    n_train = int(cfg.train.get("images_per_epoch") or len(dataset.y_train))  # an epoch may be a chunk
     trials = int(sweep.settings.n_trials) + int(sweep.settings.repeats) * int(sweep.settings.repeat_top)
     minutes = n_train * epochs * trials * per_image * 1.3 / 60  # +30% for validation and evaluation
     limit = cfg.dataset.get("train_limit")

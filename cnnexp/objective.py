@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import socket
 import threading
@@ -99,7 +100,14 @@ class Objective:
         if seed != base_seed or "train.seed" in values:
             overrides.append(f"train.seed={seed}")
         key = trial.user_attrs.get("trial_key") if retry_of is not None else None
-        key = key or uuid.uuid4().hex[:12]
+        # The key names a folder that is deleted later: only our own hex keys, never a path from the storage.
+        key = key if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{12}", key) else uuid.uuid4().hex[:12]
+        folder = self.checkpoints / key
+        if retry_of is not None and not (folder / "history.json").exists():
+            # No checkpoint here (another machine's folder, or lost before its first epoch): train
+            # afresh, in a run of its own, so that no run mixes two trainings.
+            trial.set_user_attr("mlflow_run_id", None)
+            retry_of = None
         trial.set_user_attr("trial_key", key)
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("command", overrides_to_command(overrides))
@@ -114,7 +122,6 @@ class Objective:
         what = (f"repeat of trial {repeat_of} ({plain}), seed {seed}" if repeat_of is not None
                 else plain + (f", seed {seed}" if seed != int(sweep.base.train.seed) else ""))
         say(f"trial {trial.number}: {what}" + (f" — resuming trial {retry_of}" if retry_of is not None else ""))
-        folder = self.checkpoints / key
         try:
             cfg = compose_config(effective_overrides([*overrides, "tracking.log_model=false", "train.verbose=0"]))
             epochs = int(cfg.train.epochs)
@@ -126,6 +133,7 @@ class Objective:
             value = float(result[str(settings.metric)])
             if not math.isfinite(value):
                 raise ValueError(f"{settings.metric} is {value}")
+            self._record(trial, result, child, value)
         except optuna.TrialPruned as err:
             trial.set_user_attr("pruned", str(err))
             child.set_tags({"optuna.trial_state": "PRUNED"})
@@ -135,18 +143,34 @@ class Objective:
             raise
         except BaseException as err:
             interrupted = isinstance(err, KeyboardInterrupt)
-            error = (f"interrupted ({str(err) or 'Ctrl-C'}); rerun the sweep to resume" if interrupted
-                     else f"{type(err).__name__}: {err}")
+            error = (f"interrupted ({str(err) or 'Ctrl-C'}); rerun the sweep to resume it from its last epoch"
+                     if interrupted else f"{type(err).__name__}: {err}")
             trial.set_user_attr("error", error[:2000])
             child.set_tags({"optuna.trial_state": "FAIL"})
             child.end(tracking.status_of(err), error=error)
-            shutil.rmtree(folder, ignore_errors=True)
+            if interrupted and int(settings.get("retry_failed", 0)) > 0:
+                # Ctrl-C, or SIGTERM from a preempting scheduler: keep the checkpoint and queue the
+                # trial again, like a lost worker's; the next run continues it from its last epoch.
+                self._queue_retry(trial)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
             if not interrupted and not isinstance(err, USER_ERRORS):
                 say(f"  trial {trial.number} failed: {error}")
             raise
-        self._record(trial, result, child, value)
         shutil.rmtree(folder, ignore_errors=True)  # never left behind on success
         return value
+
+    def _queue_retry(self, trial: optuna.Trial) -> None:
+        frozen = self.study.get_trials(deepcopy=False)[trial.number]
+        history = [*frozen.system_attrs.get("retry_history", []), trial.number]
+        if len(history) > int(self.settings.retry_failed):
+            return
+        attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ("error", "pruned")}
+        self.study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+            user_attrs=attrs, intermediate_values=frozen.intermediate_values,
+            system_attrs={**{k: v for k, v in frozen.system_attrs.items() if k != "fixed_params"},
+                          "failed_trial": history[0], "retry_history": history}))
 
     def _child_run(self, trial, name, seed, repeat_of, retry_of) -> tracking.Run:
         run_id = trial.user_attrs.get("mlflow_run_id") if retry_of is not None else None
@@ -166,6 +190,13 @@ class Objective:
         return child
 
     def _record(self, trial, result, child, value) -> None:
+        if trial.user_attrs.get("error"):
+            trial.set_user_attr("error", None)  # a retry copies the lost attempt's attributes
+        # Epochs restored from a checkpoint whose report did not reach the study before the kill.
+        reported = self.study.get_trials(deepcopy=False)[trial.number].intermediate_values
+        for epoch, score in enumerate(result.history.get(str(self.settings.metric), []), start=1):
+            if epoch not in reported and math.isfinite(score):
+                trial.report(score, step=epoch)
         for key in ("test_accuracy", "test_loss", "train_seconds", "images_per_second"):
             trial.set_user_attr(key, result.metrics[key])
         trial.set_user_attr("epochs_run", int(result.metrics["epochs_run"]))

@@ -57,7 +57,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             frame[column] = values.astype("Int64")
     return frame.dropna(axis=1, how="all").reindex(columns=[c for c in frame.columns
                                                               if c in params or frame[c].notna().any()
-                                                              or c in ("trial", "state", "objective")])
+                                                              or c in ("trial", "state", "objective", "test_accuracy")])
 
 
 def analysable(frame: pd.DataFrame, without_flagged: bool = False) -> pd.DataFrame:

@@ -14,14 +14,13 @@ import os
 import threading
 from pathlib import Path
 
+from cnnexp.errors import TrackingUnavailable
 from cnnexp.locks import storage_file, store_lock
 
 # MLflow 3's UI opens GenAI experiments on traces; this tag marks ours as model training.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
-class TrackingUnavailable(Exception):
-    """The MLflow store can't be used; the message names it and why."""
 
 
 def absolute_uri(uri: str) -> str:

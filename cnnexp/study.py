@@ -44,7 +44,9 @@ def counts_towards_total(trial: optuna.trial.FrozenTrial, retried: set[int]) -> 
 
 
 def count_trials(trials: list[optuna.trial.FrozenTrial]) -> int:
-    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+    # A retry lists every attempt before it (a lost retry's own retry too): none of those counts.
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried |= {t.system_attrs.get("failed_trial") for t in trials} - {None}
     return sum(counts_towards_total(t, retried) for t in trials)
 
 

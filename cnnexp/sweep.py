@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -23,22 +24,26 @@ from omegaconf import OmegaConf
 
 from cnnexp import tracking, ui
 from cnnexp.console import say, setup_logging
-from cnnexp.errors import CnnexpError, StorageError
+from cnnexp.errors import CnnexpError, ConfigError, StorageError
 from cnnexp.locks import store_lock
 from cnnexp.objective import STOP_REQUESTED, Interrupted, Objective, describe
 from cnnexp.space import Sweep, describe_space, load_sweep
 from cnnexp.study import StudyFull, best_trial, checkpoint_root, count_trials, open_study
-
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
 class RecycleProcess(Exception):
     """This process ran `sweep.recycle_after` trials: start afresh to give TensorFlow's memory back."""
 
 
+METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss")
+
+
 def preflight(sweep: Sweep) -> None:
-    """Find an unwritable output, storage or checkpoint folder now, in one line, not after an hour."""
+    """Find an unwritable output, storage or checkpoint folder, or an unknown metric, now, not after an hour."""
     settings = sweep.settings
+    if str(settings.metric) not in METRICS:
+        raise ConfigError(f"sweep.metric={settings.metric!r} is not a metric a trial reports; use one of "
+                          f"{', '.join(METRICS)}.")
     for key, folder in (("sweep.output_dir", Path(str(settings.output_dir)) / str(settings.study_name)),
                         ("sweep.checkpoint_dir", checkpoint_root(settings))):
         try:
@@ -98,7 +103,9 @@ def optimize(sweep: Sweep, show_progress: bool = True, recycle_after: int | None
 
     try:
         _run_until_done(study, objective, after_trial, remaining, settings, ran, recycle_after)
-        if int(settings.repeats) > 0 and _done(study, total):
+        main_running = any(t.state == optuna.trial.TrialState.RUNNING and "repeat_of" not in t.user_attrs
+                           for t in study.get_trials(deepcopy=False))
+        if int(settings.repeats) > 0 and _done(study, total) and not main_running:
             enqueue_repeats(study, settings)  # idempotent: queues only the repeats still missing
         if not (recycle_after and len(ran) >= recycle_after) and not _done(study, total):
             _run_until_done(study, objective, after_trial, remaining, settings, ran, None)
@@ -137,6 +144,11 @@ def _run_until_done(study, objective, after_trial, remaining, settings, ran, rec
         if count_trials(trials) < int(settings.n_trials) and not settings.timeout:
             continue  # a sampler stopped the loop early (a covered grid): fill up to n_trials
         if not any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+            return
+        if str(settings.storage).startswith("journal"):
+            say("Trials still RUNNING in the journal storage (it has no heartbeats, so a killed worker's trial "
+                "stays RUNNING): " + ", ".join(str(t.number) for t in trials
+                                                if t.state == optuna.trial.TrialState.RUNNING) + ". Not waiting.")
             return
         if not waited:  # other workers' trials still run (or a dead worker's, failed after the grace period)
             say(f"Waiting for trials still running in other workers (a dead worker's trial is failed after "
@@ -241,7 +253,7 @@ def _make_plan(sweep: Sweep, seconds: float):
                     fixed[len(runs)] = len(data.y_train)
                 runs.append(overrides)
                 main.append(not arm)
-    return budget.plan(runs, main, seconds, full, epochs, fixed)
+    return budget.plan(runs, main, seconds, full, epochs, fixed, base.train.get("images_per_epoch"))
 
 
 def enqueue_design(study: optuna.Study, sweep: Sweep) -> int:
@@ -255,9 +267,10 @@ def enqueue_design(study: optuna.Study, sweep: Sweep) -> int:
         queued = 0
         for cell in sweep.design.cells():
             key = config_key(cell)
-            have = sum(1 for t in trials if config_key(_fixed_or_params(t)) == key
-                       and t.state != optuna.trial.TrialState.FAIL)
-            for _ in range(sweep.design.seeds - have):
+            runs = [t for t in trials if config_key(_fixed_or_params(t)) == key and "repeat_of" not in t.user_attrs]
+            have = sum(1 for t in runs if t.state != optuna.trial.TrialState.FAIL)
+            # A failed cell is queued again on the next run, but not forever: at most twice its seeds.
+            for _ in range(min(sweep.design.seeds - have, 2 * sweep.design.seeds - len(runs))):
                 study.enqueue_trial(cell)
                 queued += 1
     return queued
@@ -276,8 +289,10 @@ def attach_study_run(sweep: Sweep, study: optuna.Study) -> tracking.Run:
               "overrides": " ".join(sweep.overrides),
               **{f"space.{k}": v for k, v in describe_space(sweep).items()}}
     with store_lock(str(settings.storage)):
+        if "uuid" not in study.user_attrs:
+            study.set_user_attr("uuid", uuid.uuid4().hex)
         parent = tracking.study_run(sweep.base.tracking, str(settings.study_name), params,
-                                    study.user_attrs.get("mlflow_parent_run_id"))
+                                    study.user_attrs.get("mlflow_parent_run_id"), study.user_attrs["uuid"])
         if parent.run_id:
             import mlflow
 
@@ -306,8 +321,10 @@ def finish(sweep: Sweep, study: optuna.Study, report: bool = True) -> int:
 
             summary = write_report(study, sweep.settings, parent=parent)
             say(summary)
-    except (OSError, CnnexpError) as err:
-        print(f"error: the report could not be written: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - the study is saved; the report can be rerun on its own
+        print(f"error: the report could not be written ({type(err).__name__}: {err}); the study is saved, "
+              f"rerun it with: python -m cnnexp.report {sweep.settings.study_name} "
+              f"--storage {sweep.settings.storage} --out {sweep.settings.output_dir}", file=sys.stderr)
         code = 2
     finally:
         parent.end("FINISHED" if complete else "FAILED")  # never left RUNNING, whatever the report did

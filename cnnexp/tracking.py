@@ -279,21 +279,29 @@ def epoch_logger(run: Run, already_logged: set[int] = frozenset()):
     return LogEpoch()
 
 
-def study_run(tracking_cfg, study_name: str, params: dict, known_id: str | None = None) -> Run:
-    """The study's MLflow parent run: found again on resume (by id, else by tags), never duplicated.
+def study_run(tracking_cfg, study_name: str, params: dict, known_id: str | None = None,
+              study_uuid: str = "") -> Run:
+    """The study's MLflow parent run: found again on resume (by id, else by the study's uuid), never duplicated.
 
-    The caller holds the study lock, so that workers starting together find one parent.
+    A new study of the same name (its storage was deleted) gets a parent of its own: runs are
+    matched by the study's uuid, not its name. The caller holds the study lock, so that workers
+    starting together find one parent.
     """
     experiment_id = _experiment(tracking_cfg, "this study's runs")
     if experiment_id is None:
         return Run(None)
 
     def find() -> str | None:
+        from mlflow.exceptions import MlflowException
+
         client = Run.client()
         if known_id:
-            return client.get_run(known_id).info.run_id
+            try:
+                return client.get_run(known_id).info.run_id
+            except MlflowException:
+                pass  # deleted, or another store: look it up by the study's uuid
         found = client.search_runs(
-            [experiment_id], filter_string=f"tags.`cnnexp.study` = '{study_name}' and tags.`cnnexp.role` = 'study'",
+            [experiment_id], filter_string=f"tags.`cnnexp.study_uuid` = '{study_uuid}' and tags.`cnnexp.role` = 'study'",
             order_by=["attributes.start_time ASC"], max_results=1)
         return found[0].info.run_id if found else None
 
@@ -308,6 +316,7 @@ def study_run(tracking_cfg, study_name: str, params: dict, known_id: str | None 
     from cnnexp.runtime import git_commit
 
     run = open_run(tracking_cfg, f"study {study_name}", {"cnnexp.study": study_name, "cnnexp.role": "study",
+                                                          "cnnexp.study_uuid": study_uuid,
                                                           "mlflow.source.git.commit": git_commit() or ""})
     run.log_params(params)
     return run

@@ -163,11 +163,14 @@ def checkpoint(folder, history_file: str = "history.json"):
         def on_epoch_end(self, epoch, logs=None):
             for key, value in (logs or {}).items():
                 self.logs.setdefault(key, []).append(float(value))
-            super().on_epoch_end(epoch, logs)  # weights and epoch first, then the logs that match them
+            # The logs first, then the weights and epoch: a kill in between leaves logs one epoch
+            # ahead of the weights, which `on_train_begin` cuts back; never weights without logs.
+            os.makedirs(folder, exist_ok=True)
             tmp = os.path.join(folder, f".{history_file}.tmp")
             with open(tmp, "w") as handle:
                 json.dump(self.logs, handle)
             os.replace(tmp, os.path.join(folder, history_file))
+            super().on_epoch_end(epoch, logs)
 
         @property
         def resumed_from(self) -> int:
@@ -235,10 +238,11 @@ def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None) -> Tr
             f"Training stopped: {nan_guard.reason} (train.lr={lr:g}, "
             f"train.optimizer={train_cfg.optimizer}); try a smaller train.lr."
         )
-    history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
+    # With a checkpoint, its logs hold every epoch, restored or trained now (a trial resumed after
+    # its last epoch trains none, and `fit` returns an empty history).
+    history = ({key: list(values) for key, values in backup.logs.items()} if backup else
+               {key: [float(v) for v in values] for key, values in fitted.history.items()})
     resumed = backup.resumed_from if backup else 0
-    if resumed:
-        history = {key: backup.restored.get(key, [])[:resumed] + values for key, values in history.items()}
     test_loss, test_accuracy = model.evaluate(
         data.x_test, data.y_test, batch_size=max(int(train_cfg.batch_size), 256), verbose=0
     )

@@ -213,10 +213,13 @@ def test_sigterm_marks_the_trial_kills_the_run_exits_fast_and_resumes(tmp_path):
     assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     _, parents, _ = mlflow_runs(tmp_path)
     assert parents[0].info.status == "KILLED"
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]  # queued again, like a preempted job
     rerun = start_worker(path, *overrides, log=tmp_path / "rerun.log")
     assert rerun.wait(timeout=900) == 0
     _, study = load(path, *overrides)
-    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]  # resumed to the total
+    # The retry of the interrupted trial, then one more to reach the total of 2 counted trials.
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[1].params == study.trials[0].params
 
 
 def _free_port() -> int:

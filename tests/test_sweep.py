@@ -158,17 +158,24 @@ def test_interrupted_sweep_marks_the_trial_and_resumes(tmp_path, monkeypatch):
         sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
     s = sweep.load_sweep(str(path))
     reopened = study.load_study("tiny", str(s.settings.storage))
-    assert states(reopened) == ["COMPLETE", "FAIL"]
+    # The interrupted trial is FAIL, and queued again (sweep.retry_failed=1) for the next run.
+    assert states(reopened) == ["COMPLETE", "FAIL", "WAITING"]
     assert reopened.trials[1].user_attrs["error"].startswith("interrupted")
+    assert reopened.trials[2].params == reopened.trials[1].params
     _, parents, children = mlflow_runs(tmp_path)
     assert parents[0].info.status == "KILLED"
     assert {c.data.tags["optuna.trial_state"]: c.info.status for c in children} == {
         "COMPLETE": "FINISHED", "FAIL": "KILLED"}
 
     resumed = sweep.optimize(s, show_progress=False)
-    assert states(resumed) == ["COMPLETE", "FAIL", "COMPLETE"]
+    # The retry runs first; the failed attempt doesn't count, so one more trial makes the total of 3.
+    assert states(resumed) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study.count_trials(resumed.trials) == 3 and "error" not in {
+        k for k, v in resumed.trials[2].user_attrs.items() if v is not None}
+    pairs = config_seeds(resumed)
+    assert len(pairs) == len(set(pairs))  # a resumed study never trains a configuration twice with a seed
     _, parents, children = mlflow_runs(tmp_path)
-    assert len(parents) == 1 and len(children) == 3
+    assert len(parents) == 1 and len(children) == 4
 
 
 def test_failing_trials_fail_alone_with_their_reason(tmp_path):
