@@ -222,6 +222,14 @@ class Objective:
     def _is_new_best(self, trial, value: float) -> bool:
         if trial.user_attrs.get("repeat_of") is not None:
             return False
+        design = self.sweep.design
+        if design is not None:  # the champion is the main task's best; an arm's model is another task's
+            if trial.params.get("task") != design.main:
+                return False
+            done = [t.value for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                    if t.params.get("task") == design.main and t.number != trial.number]
+            maximize = self.study.direction == optuna.study.StudyDirection.MAXIMIZE
+            return not done or (value > max(done) if maximize else value < min(done))
         best = best_trial(self.study)
         if best is None:
             return True

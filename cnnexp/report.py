@@ -182,6 +182,11 @@ def write_report(study: optuna.Study, settings, parent: tracking.Run | None = No
 
     metric = str(settings.metric)
     best = best_trial(study)
+    if design:  # the best of the main task: an arm (MNIST) scores on another dataset, not comparable
+        main_done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                     and t.params.get("task") == design["main"]]
+        best = max(main_done, key=lambda t: t.value, default=None) if settings.direction == "maximize" else \
+            min(main_done, key=lambda t: t.value, default=None)
     said = answers(study, frame, effects, facts, metric)
     main = frame[frame["repeat_of"].isna()] if "repeat_of" in frame else frame
     counts = main["state"].value_counts().to_dict()

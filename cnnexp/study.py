@@ -180,8 +180,11 @@ def make_pruner(settings) -> optuna.pruners.BasePruner:
 
 def open_study(settings, space: dict, metric_names: list[str] | None = None) -> optuna.Study:
     """Create the study, or load it when it exists (resume), with the configured sampler and pruner."""
-    storage = make_storage(str(settings.storage), settings, cap=int(settings.n_trials))
-    with store_lock(str(settings.storage)):  # many workers starting at once: one creates
+    check_storage(str(settings.storage))
+    # Workers starting at once: one creates the storage's tables (Optuna's migrations race otherwise)
+    # and the study, the others find them.
+    with store_lock(str(settings.storage)):
+        storage = make_storage(str(settings.storage), settings, cap=int(settings.n_trials))
         study = optuna.create_study(
             study_name=str(settings.study_name), storage=storage, sampler=make_sampler(settings, space),
             pruner=make_pruner(settings), direction=str(settings.direction), load_if_exists=True,

@@ -441,10 +441,15 @@ def test_leftovers_of_dead_processes_are_removed_live_ones_kept(tmp_path, small_
 # 4. Archives are decoded in memory; a subset decodes only its own images
 
 
-def test_archive_is_decoded_in_memory_with_a_progress_bar(tmp_path, small_tree, capfd):
-    raw = data.load_raw(folder_cfg(tmp_path, small_tree))
+def test_archive_is_decoded_in_memory_with_a_progress_bar(tmp_path, small_tree, capfd, caplog, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # the bar shows on a terminal
+    with caplog.at_level("INFO"):
+        raw = data.load_raw(folder_cfg(tmp_path, small_tree))
     assert raw.class_names == ["a", "b", "c"] and len(raw.y_train) == 90 and len(raw.y_test) == 30
     assert f"Decoding {small_tree.name}" in capfd.readouterr().err
+    assert "Decoded 120 images" in caplog.text  # what a log file gets instead of the bar
     written = [p for p in tmp_path.rglob("*") if p.is_file() and tmp_path / "tree" not in p.parents]
     assert sorted(p.suffix for p in written) == [".gz", ".npz", ".npz"]  # the archive, the listing, the arrays
 

@@ -47,8 +47,12 @@ def states(s):
 
 
 def config_seeds(s):
-    """(configuration, seed) of every trial that trained: no pair may appear twice."""
-    return [(study.config_key(t.params), t.user_attrs["seed"]) for t in s.trials if "seed" in t.user_attrs]
+    """(configuration, seed) of every trial that finished training: no pair may appear twice.
+
+    An attempt that was interrupted and retried is the same training continued, with its seed.
+    """
+    return [(study.config_key(t.params), t.user_attrs["seed"]) for t in s.trials
+            if "seed" in t.user_attrs and t.state.name == "COMPLETE"]
 
 
 @pytest.fixture(autouse=True)
