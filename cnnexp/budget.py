@@ -11,7 +11,7 @@ is ever shrunk silently: without a budget the sweep trains what it was told to.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from cnnexp import runtime
 from cnnexp.config import compose_config
@@ -112,6 +112,3 @@ def plan(trial_overrides: list[list[str]], main: list[bool], budget_s: float, fu
     return Plan(budget_s=budget_s, train_limit=n, full_train=full_train, epochs=epochs, trials=len(per_image),
                 predicted_s=predicted(n), device=runtime.device_description())
 
-
-def as_attr(p: Plan) -> dict:
-    return asdict(p)

@@ -19,7 +19,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pandas as pd
 
@@ -281,5 +280,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     sys.exit(main())

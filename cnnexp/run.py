@@ -116,7 +116,9 @@ def run(
     }
     name = run_name or f"{cfg.model.name}-{cfg.dataset.name}"
     with tracking.start_run(cfg.tracking, name, run_tags, parent_run_id, run_id) as mlrun:
-        resumed = run_id is not None and bool(mlrun.metric_steps("val_accuracy"))
+        # Epochs already in the run: a trial resumed from its checkpoint has them (and its params).
+        logged = mlrun.metric_steps("val_accuracy") if run_id is not None else set()
+        resumed = bool(logged)
         if not resumed:  # a resumed trial's run has all of this already
             params = tracking.flatten(trained)
             params["model.layers_resolved"] = model.layers_text(layers)
@@ -142,7 +144,6 @@ def run(
         log.info("%s | %d parameters, %.1f MFLOPs per image | %s", data.describe(dataset), cost.params,
                  cost.flops / 1e6, runtime.device_description())
 
-        logged = mlrun.metric_steps("val_accuracy") if resumed else set()
         result: TrainResult = train_model(net, dataset, cfg.train, checkpoint_dir=checkpoint_dir,
                                           callbacks=[tracking.epoch_logger(mlrun, logged), *callbacks])
         if result.resumed_from_epoch and mlrun.active:

@@ -212,7 +212,3 @@ def trial_overrides(sweep: Sweep, values: dict) -> list[str]:
         out += list(sweep.design.arms[arm])
     return out
 
-
-def describe_space(sweep: Sweep) -> dict[str, str]:
-    """The space as people write it: {'kernel': 'choice(2, 3, 4)', ...}."""
-    return dict(sweep.expressions)

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import optuna
@@ -27,7 +28,7 @@ from cnnexp.console import say, setup_logging
 from cnnexp.errors import CnnexpError, ConfigError, StorageError
 from cnnexp.locks import store_lock
 from cnnexp.objective import STOP_REQUESTED, Interrupted, Objective, describe
-from cnnexp.space import Sweep, describe_space, load_sweep
+from cnnexp.space import Sweep, load_sweep
 from cnnexp.study import StudyFull, best_trial, checkpoint_root, count_trials, open_study
 
 
@@ -217,7 +218,7 @@ def apply_plan(sweep: Sweep, study: optuna.Study) -> None:
             stored = study.user_attrs.get("plan")
             if stored is None:
                 say(f"Timing one training step of each configuration for sweep.budget={settings.budget} ...")
-                stored = budget.as_attr(_make_plan(sweep, seconds))
+                stored = asdict(_make_plan(sweep, seconds))
                 study.set_user_attr("plan", stored)
     plan = budget.Plan(**stored)
     say(plan.text())
@@ -287,7 +288,7 @@ def attach_study_run(sweep: Sweep, study: optuna.Study) -> tracking.Run:
               "n_trials": settings.n_trials, "storage": settings.storage,
               "sampler": OmegaConf.to_container(settings.sampler), "pruner": OmegaConf.to_container(settings.pruner),
               "overrides": " ".join(sweep.overrides),
-              **{f"space.{k}": v for k, v in describe_space(sweep).items()}}
+              **{f"space.{k}": v for k, v in sweep.expressions.items()}}
     with store_lock(str(settings.storage)):
         if "uuid" not in study.user_attrs:
             study.set_user_attr("uuid", uuid.uuid4().hex)
