@@ -156,15 +156,16 @@ def _sweep_file(tmp: Path, size: dict, name: str, pruner: dict, trials: int, par
 
 def bench_trial_overhead(size: dict, tmp: Path) -> dict:
     """K sweep trials vs K bare fits of exactly the trials' configurations."""
-    from cnnexp import sweep
     from cnnexp.config import compose_config
+    from cnnexp.sweep import engine
+    from cnnexp.sweep.space import load_sweep
 
     k = size["sweep_trials"]
     path = _sweep_file(tmp, size, "overhead", {"name": "none"}, k, {"kernel": "choice(3,5)"})
-    loaded = sweep.load_sweep(str(path))
+    loaded = load_sweep(str(path))
     compose_config(loaded.overrides)  # warm Hydra
     began = time.perf_counter()
-    study = sweep.optimize(loaded, show_progress=False)
+    study = engine.optimize(loaded, show_progress=False)
     sweep_seconds = time.perf_counter() - began
     trial_seconds = [t.duration.total_seconds() for t in study.trials]
     began = time.perf_counter()
@@ -179,7 +180,8 @@ def bench_trial_overhead(size: dict, tmp: Path) -> dict:
 
 
 def bench_pruning(size: dict, tmp: Path) -> dict:
-    from cnnexp import sweep
+    from cnnexp.sweep import engine
+    from cnnexp.sweep.space import load_sweep
 
     params = {"kernel": "choice(2,3,5,7)", "train.lr": "tag(log, interval(0.001, 0.3))"}
     out = {}
@@ -188,7 +190,7 @@ def bench_pruning(size: dict, tmp: Path) -> dict:
         # Pruning pays off when trials are several epochs long: 4 here, as in the real sweeps.
         path = _sweep_file(tmp, size, f"pruning-{pruner['name']}", pruner, 2 * size["sweep_trials"], params,
                            extra=(f"train.epochs={max(2, size['epochs'] + 1)}",))
-        study = sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
+        study = engine.optimize(load_sweep(str(path)), show_progress=False)
         epochs = sum(len(t.intermediate_values) for t in study.trials)
         best = max((t.value for t in study.trials if t.value is not None), default=float("nan"))
         out[label] = {"epochs": epochs, "best_val_accuracy": round(best, 4),
@@ -200,13 +202,14 @@ def bench_pruning(size: dict, tmp: Path) -> dict:
 
 
 def bench_memory(size: dict, tmp: Path) -> dict:
-    from cnnexp import sweep
+    from cnnexp.sweep import engine
+    from cnnexp.sweep.space import load_sweep
 
     n = size["memory_trials"]
     path = _sweep_file(tmp, size, "memory", {"name": "none"}, n, {"kernel": "choice(2,3,4,5,6,7)"})
-    loaded = sweep.load_sweep(str(path))
+    loaded = load_sweep(str(path))
     samples = []
-    from cnnexp import objective
+    from cnnexp.sweep import objective
 
     real_run = objective.run
 
@@ -217,7 +220,7 @@ def bench_memory(size: dict, tmp: Path) -> dict:
 
     objective.run = measured
     try:
-        sweep.optimize(loaded, show_progress=False)
+        engine.optimize(loaded, show_progress=False)
     finally:
         objective.run = real_run
     settle = min(2, len(samples) - 1)  # the first trials fill allocator pools and caches
@@ -288,8 +291,8 @@ def bench_workers(size: dict, tmp: Path) -> dict:
 
 
 def bench_data(size: dict, tmp: Path) -> dict:
-    from cnnexp import data
     from cnnexp.config import compose_config
+    from cnnexp.data import load as data
 
     cfg = compose_config(["dataset=folder", f"dataset.path={SHARED_CIFAR}", f"dataset.cache_dir={tmp / 'cache'}"])
     began = time.perf_counter()

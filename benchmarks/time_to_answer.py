@@ -50,12 +50,13 @@ def design_file(folder: Path, data: Path, scale: dict, naive: bool, mnist: Path)
 
 
 def run_side(path: Path) -> dict:
-    from cnnexp import sweep
+    from cnnexp.sweep import engine
+    from cnnexp.sweep.space import load_sweep
 
     began = time.perf_counter()
-    loaded = sweep.load_sweep(str(path))
-    study = sweep.optimize(loaded, show_progress=False)
-    sweep.finish(loaded, study)
+    loaded = load_sweep(str(path))
+    study = engine.optimize(loaded, show_progress=False)
+    engine.finish(loaded, study)
     seconds = time.perf_counter() - began
     effects = pd.read_csv(Path(str(loaded.settings.output_dir)) / str(loaded.settings.study_name) / "effects.csv")
     images = 0

@@ -18,9 +18,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp import CONF_DIR, data, model, runtime, tracking
+from cnnexp import CONF_DIR, model, runtime
 from cnnexp.config import optimizer_settings, overrides_to_command, validate_config
+from cnnexp.data.load import Dataset, describe, keras_cache_dir, load_dataset
 from cnnexp.errors import CnnexpError
+from cnnexp.tracking import runs
 from cnnexp.train import TrainResult, resolve_precision, train_model
 
 log = logging.getLogger("cnnexp")
@@ -48,12 +50,12 @@ class RunResult:
 
 
 @lru_cache(maxsize=1)
-def _dataset(dataset_yaml: str, val_fraction: float, seed: int) -> data.Dataset:
+def _dataset(dataset_yaml: str, val_fraction: float, seed: int) -> Dataset:
     # Kept in memory between runs of one process, so that trials of a sweep share one decode.
-    return data.load_dataset(OmegaConf.create(dataset_yaml), val_fraction, seed)
+    return load_dataset(OmegaConf.create(dataset_yaml), val_fraction, seed)
 
 
-def prepare(cfg: DictConfig, validated: bool = False) -> tuple[list[model.LayerSpec], data.Dataset]:
+def prepare(cfg: DictConfig, validated: bool = False) -> tuple[list[model.LayerSpec], Dataset]:
     """Validate everything that can be validated, then load the data: nothing trains yet."""
     if not validated:
         validate_config(cfg)
@@ -106,28 +108,28 @@ def run(
     cost = model.cost(layers, dataset.input_shape, cfg.model.padding)
     trained = resolved_config(cfg, layers)
     run_tags = {
-        f"{tracking.TAG_PREFIX}command": overrides_to_command(overrides),
+        f"{runs.TAG_PREFIX}command": overrides_to_command(overrides),
         "mlflow.source.git.commit": runtime.git_commit(),
-        f"{tracking.TAG_PREFIX}device": runtime.device_description(),
-        f"{tracking.TAG_PREFIX}dataset_fingerprint": dataset.fingerprint,
-        f"{tracking.TAG_PREFIX}keras_backend": k.backend.backend(),
-        f"{tracking.TAG_PREFIX}dataset_note": dataset.note or None,
+        f"{runs.TAG_PREFIX}device": runtime.device_description(),
+        f"{runs.TAG_PREFIX}dataset_fingerprint": dataset.fingerprint,
+        f"{runs.TAG_PREFIX}keras_backend": k.backend.backend(),
+        f"{runs.TAG_PREFIX}dataset_note": dataset.note or None,
         **(tags or {}),
     }
     name = run_name or f"{cfg.model.name}-{cfg.dataset.name}"
-    with tracking.start_run(cfg.tracking, name, run_tags, parent_run_id, run_id) as mlrun:
+    with runs.start_run(cfg.tracking, name, run_tags, parent_run_id, run_id) as mlrun:
         # Epochs already in the run: a trial resumed from its checkpoint has them (and its params).
         logged = mlrun.metric_steps("val_accuracy") if run_id is not None else set()
         resumed = bool(logged)
         if not resumed:  # a resumed trial's run has all of this already
-            params = tracking.flatten(trained)
+            params = runs.flatten(trained)
             params["model.layers_resolved"] = model.layers_text(layers)
             params["model.flops_per_image"] = cost.flops
             params["model.num_params"] = cost.params
             params["overrides"] = " ".join(overrides) or "(defaults)"
             mlrun.log_params(params)
             mlrun.log_text(OmegaConf.to_yaml(trained), "config.yaml")
-            source = Path(os.path.expanduser(str(cfg.dataset.get("path") or data.keras_cache_dir()))).resolve()
+            source = Path(os.path.expanduser(str(cfg.dataset.get("path") or keras_cache_dir()))).resolve()
             mlrun.log_dataset(str(cfg.dataset.name), source.as_uri(), dataset.fingerprint)
 
         # Every run starts from a clean, seeded state: nothing leaks from a previous trial.
@@ -141,11 +143,11 @@ def run(
             summary: list[str] = []
             net.summary(print_fn=lambda line, *args, **kwargs: summary.append(line))
             mlrun.log_text("\n".join(summary), "model_summary.txt")
-        log.info("%s | %d parameters, %.1f MFLOPs per image | %s", data.describe(dataset), cost.params,
+        log.info("%s | %d parameters, %.1f MFLOPs per image | %s", describe(dataset), cost.params,
                  cost.flops / 1e6, runtime.device_description())
 
         result: TrainResult = train_model(net, dataset, cfg.train, checkpoint_dir=checkpoint_dir,
-                                          callbacks=[tracking.epoch_logger(mlrun, logged), *callbacks])
+                                          callbacks=[runs.epoch_logger(mlrun, logged), *callbacks])
         if result.resumed_from_epoch and mlrun.active:
             # Epochs checkpointed before the worker died but not yet in MLflow: log them once.
             names = {"loss": "train_loss", "accuracy": "train_accuracy", "val_loss": "val_loss",
@@ -163,14 +165,14 @@ def run(
             "train_seconds": result.train_seconds,
             "images_per_second": result.images_per_second,
         }
-        metrics = {key: tracking.clean(value) for key, value in metrics.items()}
+        metrics = {key: runs.clean(value) for key, value in metrics.items()}
         # val_* were logged per epoch already; the rest are the run's final figures.
         mlrun.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("val_")},
                           step=result.epochs_run)
         for message in result.warnings:
             warnings.warn(f"{name}: {message}; the run is flagged (tag cnnexp.flag).", stacklevel=2)
         if result.warnings:
-            mlrun.set_tags({f"{tracking.TAG_PREFIX}flag": "; ".join(result.warnings)})
+            mlrun.set_tags({f"{runs.TAG_PREFIX}flag": "; ".join(result.warnings)})
         if cfg.tracking.log_model:
             mlrun.log_model(net, dataset.x_test[:4])
     return RunResult(metrics=metrics, history=result.history, cost=cost, run_id=mlrun.run_id,

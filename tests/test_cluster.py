@@ -19,7 +19,9 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from cnnexp import PROJECT_ROOT, study, sweep
+from cnnexp import PROJECT_ROOT
+from cnnexp.sweep import engine, study
+from cnnexp.sweep.space import load_sweep
 from tests.test_sweep import config_seeds, mlflow_runs, write_sweep
 
 pytestmark = [pytest.mark.cluster]
@@ -38,7 +40,7 @@ def start_worker(path, *overrides, log: Path, worker: int = 0):
 
 
 def load(path, *overrides):
-    s = sweep.load_sweep(str(path), list(overrides))
+    s = load_sweep(str(path), list(overrides))
     return s, optuna.load_study(study_name=s.settings.study_name, storage=study.make_storage(str(s.settings.storage), s.settings))
 
 
@@ -264,9 +266,9 @@ def test_sweep_logs_to_an_mlflow_server_and_survives_its_loss(tmp_path, mlflow_s
     url, server = mlflow_server
     path = write_sweep(tmp_path, {"kernel": "choice(2,3,4)"}, settings={"n_trials": 2},
                        overrides=["tracking=server", f"tracking.uri={url}"])
-    s = sweep.load_sweep(str(path))
-    study = sweep.optimize(s, show_progress=False)
-    assert sweep.finish(s, study) == 0
+    s = load_sweep(str(path))
+    study = engine.optimize(s, show_progress=False)
+    assert engine.finish(s, study) == 0
 
     experiment = _rest(url, "experiments/get-by-name", query="?experiment_name=cnnexp")["experiment"]
     runs = _rest(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
@@ -284,9 +286,9 @@ def test_sweep_logs_to_an_mlflow_server_and_survives_its_loss(tmp_path, mlflow_s
     os.killpg(server.pid, signal.SIGKILL)  # the server dies mid-study
     server.wait()
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    s = sweep.load_sweep(str(path), ["sweep.n_trials=3"])
+    s = load_sweep(str(path), ["sweep.n_trials=3"])
     with pytest.warns(UserWarning, match="MLflow"):
-        study = sweep.optimize(s, show_progress=False)
+        study = engine.optimize(s, show_progress=False)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3  # nothing lost in the study
 
 

@@ -18,9 +18,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cnnexp import cache, data, folders, formats
 from cnnexp.config import compose_config
-from cnnexp.raw import subset_indices
+from cnnexp.data import cache, folders, formats, load
+from cnnexp.data.raw import subset_indices
+from cnnexp.errors import DataError
 from tests.conftest import make_cifar10_archive
 
 
@@ -30,7 +31,7 @@ def dataset_cfg(*overrides):
 
 def test_cifar10_standard_archive_from_dataset_path(tmp_path):
     archive = make_cifar10_archive(tmp_path / "staged", per_batch=50)
-    ds = data.load_dataset(dataset_cfg(f"dataset.path={archive}", "dataset.download=false"), val_fraction=0.2)
+    ds = load.load_dataset(dataset_cfg(f"dataset.path={archive}", "dataset.download=false"), val_fraction=0.2)
     assert len(ds.y_train) + len(ds.y_val) == 250 and len(ds.y_test) == 50
     assert ds.x_train.shape[1:] == (32, 32, 3) and ds.x_train.dtype == np.float32
     assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0  # scaled, never raw 0-255
@@ -41,49 +42,49 @@ def test_cifar10_found_in_the_keras_cache_extracted(tmp_path, monkeypatch):
     archive = make_cifar10_archive(tmp_path / "home" / "datasets", per_batch=20)
     archive.unlink()  # leave only the extracted cifar-10-batches-py/ folder
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
-    raw = data.load_raw(dataset_cfg("dataset.download=false", f"dataset.cache_dir={tmp_path / 'cache'}"))
+    raw = load.load_raw(dataset_cfg("dataset.download=false", f"dataset.cache_dir={tmp_path / 'cache'}"))
     assert raw.x_train.shape == (100, 32, 32, 3) and raw.x_test.shape == (20, 32, 32, 3)
 
 
 def test_decoded_data_is_cached_by_content(tmp_path, monkeypatch):
     archive = make_cifar10_archive(tmp_path / "staged", per_batch=10)
     cfg = dataset_cfg(f"dataset.path={archive}", f"dataset.cache_dir={tmp_path / 'cache'}")
-    first = data.load_raw(cfg)
+    first = load.load_raw(cfg)
     assert len(list((tmp_path / "cache").glob("cifar10-*.npz"))) == 1
 
     def must_not_decode(source):
         raise AssertionError("decoded again despite the cache")
 
     monkeypatch.setattr(formats, "read_cifar10", must_not_decode)
-    second = data.load_raw(cfg)
+    second = load.load_raw(cfg)
     assert np.array_equal(first.x_train, second.x_train) and first.fingerprint == second.fingerprint
 
 
 def test_missing_dataset_offline_names_the_file_and_where(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
-    monkeypatch.setattr(data, "_online", lambda *a, **k: False)
-    with pytest.raises(data.DataError) as err:
-        data.load_raw(dataset_cfg())
+    monkeypatch.setattr(load, "_online", lambda *a, **k: False)
+    with pytest.raises(DataError) as err:
+        load.load_raw(dataset_cfg())
     message = str(err.value)
     assert "cifar-10-python.tar.gz" in message and str(tmp_path / "empty" / "datasets") in message
     assert "no network" in message
-    with pytest.raises(data.DataError, match="mnist.npz"):
-        data.load_raw(dataset_cfg("dataset=mnist", "dataset.download=false"))
+    with pytest.raises(DataError, match="mnist.npz"):
+        load.load_raw(dataset_cfg("dataset=mnist", "dataset.download=false"))
 
 
 def test_stratified_sample_keeps_class_shares_and_is_seeded():
     y = np.repeat(np.arange(10), [500] * 5 + [100] * 5)  # ordered by class, unbalanced
-    picked = data.stratified_sample(y, 300, np.random.default_rng(1))
+    picked = load.stratified_sample(y, 300, np.random.default_rng(1))
     counts = np.bincount(y[picked], minlength=10)
     assert counts.sum() == 300 and list(counts) == [50] * 5 + [10] * 5
-    assert np.array_equal(picked, data.stratified_sample(y, 300, np.random.default_rng(1)))
+    assert np.array_equal(picked, load.stratified_sample(y, 300, np.random.default_rng(1)))
     assert not np.array_equal(np.sort(picked)[:50], np.arange(50))  # not "the first N"
 
 
 def test_folder_loader_on_real_cifar10_images(cifar_jpeg):
     cfg = dataset_cfg("dataset=folder", f"dataset.path={cifar_jpeg}", "dataset.train_limit=1000",
                       "dataset.test_limit=200")
-    ds = data.load_dataset(cfg, val_fraction=0.1, seed=0)
+    ds = load.load_dataset(cfg, val_fraction=0.1, seed=0)
     assert ds.class_names == ["airplane", "automobile", "bird", "cat", "deer",
                               "dog", "frog", "horse", "ship", "truck"]
     assert len(ds.y_train) == 900 and len(ds.y_val) == 100 and len(ds.y_test) == 200
@@ -107,7 +108,7 @@ def test_folder_zip_without_split_grayscale_resized(tmp_path):
             zf.writestr(f"shapes/light/{i}.png", _png((240, 240, 240)))
     cfg = dataset_cfg("dataset=folder", f"dataset.path={archive}", "dataset.input_shape=[8,8,1]",
                       "dataset.test_fraction=0.2", f"dataset.cache_dir={tmp_path / 'cache'}")
-    ds = data.load_dataset(cfg, val_fraction=0.25)
+    ds = load.load_dataset(cfg, val_fraction=0.25)
     assert ds.class_names == ["dark", "light"] and ds.input_shape == (8, 8, 1)
     assert len(ds.y_test) == 4 and set(np.bincount(ds.y_test)) == {2}
     assert ds.x_train[ds.y_train == 1].mean() > 0.9 > 0.1 > ds.x_train[ds.y_train == 0].mean()
@@ -119,8 +120,8 @@ def test_archive_members_outside_the_tree_are_refused(tmp_path, evil):
     with tarfile.open(archive, "w:gz") as tar:
         for name in ["a/0.png", "b/0.png", evil]:
             _add(tar, name, _png((1, 2, 3)))
-    with pytest.raises(data.DataError, match=r"Refusing to read evil.tar.gz: member .*escape.png.* absolute path or '\.\.'"):
-        data.load_raw(folder_cfg(tmp_path, archive))
+    with pytest.raises(DataError, match=r"Refusing to read evil.tar.gz: member .*escape.png.* absolute path or '\.\.'"):
+        load.load_raw(folder_cfg(tmp_path, archive))
     assert not list(tmp_path.rglob("escape.png")) and not list((tmp_path / "cache").rglob("*.png"))
 
 
@@ -134,8 +135,8 @@ def test_archive_links_and_devices_are_refused(tmp_path, kind):
         info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "device": tarfile.CHRTYPE}[kind]
         info.linkname = "/etc/passwd" if kind != "device" else ""
         tar.addfile(info)
-    with pytest.raises(data.DataError, match="member 'a/passwd.png' is a " + ("device" if kind == "device" else "link")):
-        data.load_raw(folder_cfg(tmp_path, archive))
+    with pytest.raises(DataError, match="member 'a/passwd.png' is a " + ("device" if kind == "device" else "link")):
+        load.load_raw(folder_cfg(tmp_path, archive))
 
 
 def test_zip_symlink_member_is_refused(tmp_path):
@@ -145,15 +146,15 @@ def test_zip_symlink_member_is_refused(tmp_path):
         info = zipfile.ZipInfo("b/evil.png")
         info.external_attr = (0o120777 << 16)
         zf.writestr(info, "/etc/passwd")
-    with pytest.raises(data.DataError, match="member 'b/evil.png' is a link"):
-        data.load_raw(folder_cfg(tmp_path, archive))
+    with pytest.raises(DataError, match="member 'b/evil.png' is a link"):
+        load.load_raw(folder_cfg(tmp_path, archive))
 
 
 def test_too_small_a_subset_for_validation_is_a_clear_error(tmp_path):
     archive = make_cifar10_archive(tmp_path / "staged", per_batch=10)
     cfg = dataset_cfg(f"dataset.path={archive}", "dataset.train_limit=20")
-    with pytest.raises(data.DataError, match="train.val_fraction=0.1 of 20 training images"):
-        data.load_dataset(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), 0.1)
+    with pytest.raises(DataError, match="train.val_fraction=0.1 of 20 training images"):
+        load.load_dataset(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), 0.1)
 
 
 def test_mnist_npz_and_fashion_mnist_idx_layouts(tmp_path, monkeypatch):
@@ -173,7 +174,7 @@ def test_mnist_npz_and_fashion_mnist_idx_layouts(tmp_path, monkeypatch):
             handle.write(b"\0" * header + array.astype(np.uint8).tobytes())
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
     for name in ("mnist", "fashion_mnist"):
-        ds = data.load_dataset(dataset_cfg(f"dataset={name}", "dataset.download=false",
+        ds = load.load_dataset(dataset_cfg(f"dataset={name}", "dataset.download=false",
                                            f"dataset.cache_dir={tmp_path / 'cache'}"), val_fraction=0.5)
         assert ds.input_shape == (28, 28, 1) and len(ds.y_train) == 30 and len(ds.y_test) == 20
         assert np.array_equal(np.sort(ds.x_test.reshape(20, -1).sum(1)),
@@ -279,8 +280,8 @@ def test_cifar10_batch_that_runs_a_command_is_refused(tmp_path, monkeypatch, whe
         monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
     else:
         overrides.append(f"dataset.path={archive}")
-    with pytest.raises(data.DataError) as err:
-        data.load_dataset(dataset_cfg(*overrides))
+    with pytest.raises(DataError) as err:
+        load.load_dataset(dataset_cfg(*overrides))
     assert str(err.value).startswith(f"Refusing to load {archive}:data_batch_1: it asks to run {refused}, "
                                      "which a CIFAR-10 batch never does;")
     assert "\n" not in str(err.value)
@@ -291,7 +292,7 @@ def test_cifar10_batch_that_runs_a_command_is_refused(tmp_path, monkeypatch, whe
 @pytest.mark.parametrize("style", ["python2", "protocol4", "protocol5"])
 def test_cifar10_batches_as_python2_numpy1_and_numpy2_write_them_load(tmp_path, style):
     archive = _cifar_archive(tmp_path / "staged", _batch(seed=9, style=style), style=style)
-    raw = data.load_raw(dataset_cfg(f"dataset.path={archive}", f"dataset.cache_dir={tmp_path / 'cache'}"))
+    raw = load.load_raw(dataset_cfg(f"dataset.path={archive}", f"dataset.cache_dir={tmp_path / 'cache'}"))
     assert raw.x_train.shape == (50, 32, 32, 3) and raw.y_test.tolist() == list(range(10))
     expected = np.random.default_rng(9).integers(0, 256, (10, 3072), dtype=np.uint8)
     assert np.array_equal(raw.x_train[:10], expected.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
@@ -309,8 +310,8 @@ def test_cifar10_batches_as_python2_numpy1_and_numpy2_write_them_load(tmp_path, 
 def test_cifar10_batch_of_the_wrong_structure_is_refused(tmp_path, batch, why):
     blob = batch if isinstance(batch, bytes) else pickle.dumps(batch)
     archive = _cifar_archive(tmp_path / "staged", blob)
-    with pytest.raises(data.DataError, match=f"data_batch_1 .*{why}"):
-        data.load_raw(dataset_cfg(f"dataset.path={archive}", f"dataset.cache_dir={tmp_path / 'cache'}"))
+    with pytest.raises(DataError, match=f"data_batch_1 .*{why}"):
+        load.load_raw(dataset_cfg(f"dataset.path={archive}", f"dataset.cache_dir={tmp_path / 'cache'}"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +331,7 @@ def _data_cache_file(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
 def test_damaged_cache_is_rebuilt_with_one_warning(tmp_path, small_tree, caplog, damage):
     cfg = folder_cfg(tmp_path, small_tree)
-    first = data.load_raw(cfg)
+    first = load.load_raw(cfg)
     cached = _data_cache_file(tmp_path)
     blob = bytearray(cached.read_bytes())
     if damage == "truncate":
@@ -341,22 +342,22 @@ def test_damaged_cache_is_rebuilt_with_one_warning(tmp_path, small_tree, caplog,
         blob = bytearray(b"not a zip at all")
     cached.write_bytes(bytes(blob))
     caplog.clear()
-    again = data.load_raw(cfg)
+    again = load.load_raw(cfg)
     assert np.array_equal(again.x_train, first.x_train) and np.array_equal(again.y_test, first.y_test)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and str(cached) in warnings[0] and "rebuilding it" in warnings[0], warnings
     caplog.clear()
-    data.load_raw(cfg)  # the rebuilt file is whole again
+    load.load_raw(cfg)  # the rebuilt file is whole again
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_damaged_cifar10_cache_is_rebuilt(tmp_path, caplog):
     archive = make_cifar10_archive(tmp_path / "staged", per_batch=10)
     cfg = dataset_cfg(f"dataset.path={archive}", f"dataset.cache_dir={tmp_path / 'cache'}")
-    first = data.load_raw(cfg)
+    first = load.load_raw(cfg)
     (cached,) = (tmp_path / "cache").glob("cifar10-*.npz")
     cached.write_bytes(cached.read_bytes()[:1000])
-    assert np.array_equal(data.load_raw(cfg).x_train, first.x_train)
+    assert np.array_equal(load.load_raw(cfg).x_train, first.x_train)
     assert any(str(cached) in r.getMessage() and "cannot be read" in r.getMessage() for r in caplog.records)
 
 
@@ -369,14 +370,14 @@ def test_damaged_cifar10_cache_is_rebuilt(tmp_path, caplog):
 ])
 def test_valid_cache_with_the_wrong_data_is_rebuilt(tmp_path, small_tree, caplog, tamper, why):
     cfg = folder_cfg(tmp_path, small_tree)
-    first = data.load_raw(cfg)
+    first = load.load_raw(cfg)
     cached = _data_cache_file(tmp_path)
     with np.load(cached, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files if not k.startswith("__")}
         source = str(z["__source__"])
     cache.DecodeCache(tmp_path / "cache").put(cached.stem, tamper(arrays), source)  # checksum and all: valid
     caplog.clear()
-    again = data.load_raw(cfg)
+    again = load.load_raw(cfg)
     assert np.array_equal(again.x_train, first.x_train) and np.array_equal(again.y_train, first.y_train)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "describes the wrong data" in warnings[0] and why in warnings[0], warnings
@@ -385,7 +386,7 @@ def test_valid_cache_with_the_wrong_data_is_rebuilt(tmp_path, small_tree, caplog
 def test_unwritable_cache_folder_warns_once_and_decodes(tmp_path, small_tree, caplog):
     (tmp_path / "not-a-folder").write_text("a file where the cache folder's parent should be")
     cfg = folder_cfg(tmp_path, small_tree, f"dataset.cache_dir={tmp_path / 'not-a-folder' / 'cache'}")
-    first, second = data.load_raw(cfg), data.load_raw(cfg)
+    first, second = load.load_raw(cfg), load.load_raw(cfg)
     assert len(first.y_train) == 90 and np.array_equal(first.x_train, second.x_train)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1, warnings
@@ -398,7 +399,7 @@ def test_read_only_cache_folder_warns_and_decodes(tmp_path, small_tree, caplog):
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache").chmod(0o500)
     try:
-        raw = data.load_raw(folder_cfg(tmp_path, small_tree))
+        raw = load.load_raw(folder_cfg(tmp_path, small_tree))
     finally:
         (tmp_path / "cache").chmod(0o700)
     assert len(raw.y_train) == 90
@@ -430,7 +431,7 @@ def test_leftovers_of_dead_processes_are_removed_live_ones_kept(tmp_path, small_
     (folder / "extracted" / ".extract-old" / "cls" / "1.jpg").write_bytes(b"x")
     os.utime(folder / "extracted" / ".extract-old", (day_ago, day_ago))
     (folder / "extracted" / ".extract-k3j4").mkdir()  # an older version's extraction, maybe still running
-    data.load_raw(folder_cfg(tmp_path, small_tree))
+    load.load_raw(folder_cfg(tmp_path, small_tree))
     for name, kept in files.items():
         assert (folder / name).exists() == kept, name
     assert not (folder / "extracted" / ".extract-old").exists() and (folder / "extracted" / ".extract-k3j4").exists()
@@ -446,7 +447,7 @@ def test_archive_is_decoded_in_memory_with_a_progress_bar(tmp_path, small_tree, 
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # the bar shows on a terminal
     with caplog.at_level("INFO"):
-        raw = data.load_raw(folder_cfg(tmp_path, small_tree))
+        raw = load.load_raw(folder_cfg(tmp_path, small_tree))
     assert raw.class_names == ["a", "b", "c"] and len(raw.y_train) == 90 and len(raw.y_test) == 30
     assert f"Decoding {small_tree.name}" in capfd.readouterr().err
     assert "Decoded 120 images" in caplog.text  # what a log file gets instead of the bar
@@ -459,22 +460,22 @@ def test_subset_decodes_only_its_images_and_equals_sampling_the_full_decode(tmp_
     real_decode_one = folders._decode_one
     monkeypatch.setattr(folders, "_decode_one", lambda blob, *a: decoded.append(1) or real_decode_one(blob, *a))
     cfg = folder_cfg(tmp_path, small_tree, "dataset.train_limit=30", "dataset.test_limit=12", "dataset.subset_seed=3")
-    subset = data.load_dataset(cfg, val_fraction=0.2, seed=1)
+    subset = load.load_dataset(cfg, val_fraction=0.2, seed=1)
     assert len(decoded) == 42  # of 120
     assert list((tmp_path / "cache").glob("folder-v*-train30-test12-seed3.npz"))
     assert len(subset.y_train) + len(subset.y_val) == 30 and np.bincount(subset.y_test).tolist() == [4, 4, 4]
 
     # What sampling the full decode gives (the path of every other source): the same rows, in the same order.
-    full = data.load_raw(folder_cfg(tmp_path, small_tree))
+    full = load.load_raw(folder_cfg(tmp_path, small_tree))
     assert len(decoded) == 42 + 120
     train_idx, test_idx = subset_indices(full.y_train, full.y_test, cfg)
-    picked = data._subset(cfg)
+    picked = load._subset(cfg)
     assert np.array_equal(picked.x_train, full.x_train[train_idx]) and np.array_equal(picked.y_train, full.y_train[train_idx])
     assert np.array_equal(picked.x_test, full.x_test[test_idx]) and np.array_equal(picked.y_test, full.y_test[test_idx])
     assert np.array_equal(subset.x_test, picked.x_test.astype(np.float32) / 255)
 
     decoded.clear()  # and the cached subset is not decoded again
-    again = data.load_dataset(cfg, val_fraction=0.2, seed=1)
+    again = load.load_dataset(cfg, val_fraction=0.2, seed=1)
     assert not decoded and np.array_equal(again.x_train, subset.x_train)
 
 
@@ -503,8 +504,8 @@ def _bad_images_tree(root):
 
 def test_too_many_bad_images_refuse_the_dataset_naming_them(tmp_path):
     tree = _bad_images_tree(tmp_path / "photos")
-    with pytest.raises(data.DataError) as err:
-        data.load_raw(folder_cfg(tmp_path, tree))
+    with pytest.raises(DataError) as err:
+        load.load_raw(folder_cfg(tmp_path, tree))
     message = str(err.value)
     assert message.startswith(f"4 of 204 images in {tree} are unreadable (2.0%, over dataset.max_bad_fraction=0.01): ")
     for expected in ("a/truncated.jpg (", "a/empty.jpg (empty file (0 bytes))", "b/random.jpg (not an image",
@@ -516,22 +517,22 @@ def test_too_many_bad_images_refuse_the_dataset_naming_them(tmp_path):
 def test_a_few_bad_images_are_skipped_with_one_warning(tmp_path, caplog):
     tree = _bad_images_tree(tmp_path / "photos")
     cfg = folder_cfg(tmp_path, tree, "dataset.max_bad_fraction=0.05", "dataset.test_fraction=0.1")
-    raw = data.load_raw(cfg)
+    raw = load.load_raw(cfg)
     assert len(raw.y_train) + len(raw.y_test) == 200 and sorted(raw.skipped) == [
         "a/empty.jpg", "a/truncated.jpg", "b/bomb.png", "b/random.jpg"]
     assert raw.x_train.reshape(len(raw.y_train), -1).any(axis=1).all()  # no placeholder rows
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and warnings[0].startswith(f"Skipped 4 unreadable image(s) of 204 in {tree}: "), warnings
     caplog.clear()
-    assert np.array_equal(data.load_raw(cfg).x_train, raw.x_train)  # from the cache: the same warning again
+    assert np.array_equal(load.load_raw(cfg).x_train, raw.x_train)  # from the cache: the same warning again
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == warnings
 
 
 def test_image_over_max_image_pixels_is_bad_before_decoding(tmp_path):
     tree = _image_tree(tmp_path / "t", per_class=(3, 1))
     (tree / "train" / "a" / "big.png").write_bytes(_png((1, 2, 3), size=(64, 64)))
-    with pytest.raises(data.DataError, match=r"train/a/big.png \(64x64 exceeds dataset.max_image_pixels \(1000\)\)"):
-        data.load_raw(folder_cfg(tmp_path, tree, "dataset.max_image_pixels=1000"))
+    with pytest.raises(DataError, match=r"train/a/big.png \(64x64 exceeds dataset.max_image_pixels \(1000\)\)"):
+        load.load_raw(folder_cfg(tmp_path, tree, "dataset.max_image_pixels=1000"))
 
 
 @pytest.mark.parametrize("as_archive", [False, True])
@@ -540,8 +541,8 @@ def test_empty_class_folder_is_refused(tmp_path, as_archive):
     (tree / "train" / "zebra").mkdir()
     source = _tar_gz(tree, tmp_path / "pets.tar.gz") if as_archive else tree
     where = f"{source}:pets/train/zebra/" if as_archive else f"{tree}/train/zebra/"
-    with pytest.raises(data.DataError, match=re.escape(f"Class folder {where} holds no images (") + ".*remove it or add images"):
-        data.load_raw(folder_cfg(tmp_path, source))
+    with pytest.raises(DataError, match=re.escape(f"Class folder {where} holds no images (") + ".*remove it or add images"):
+        load.load_raw(folder_cfg(tmp_path, source))
 
 
 def test_no_pickle_or_yaml_load_in_the_data_modules():

@@ -3,14 +3,15 @@
 import pytest
 import yaml
 
-from cnnexp import budget, sweep
-from cnnexp.design import load_design
 from cnnexp.errors import ConfigError
+from cnnexp.sweep import budget, engine
+from cnnexp.sweep.design import load_design
+from cnnexp.sweep.space import load_sweep
 from tests.conftest import CIFAR_JPEG
 
 
 def test_the_default_study_asks_all_five_questions():
-    s = sweep.load_sweep("seed_questions", ["dataset=folder", f"dataset.path={CIFAR_JPEG}"])
+    s = load_sweep("seed_questions", ["dataset=folder", f"dataset.path={CIFAR_JPEG}"])
     cells = s.design.cells()
     assert {"kernel", "width", "train.batch_size", "task"} == set(s.space)
     assert [c["kernel"] for c in cells if c["task"] == "cifar10" and c["width"] == 0.5
@@ -50,9 +51,9 @@ def test_the_plan_fits_the_budget_is_printed_first_and_kept_on_resume(tmp_path, 
            "sweep": {"budget": "2m", "storage": f"sqlite:///{tmp_path / 's.db'}", "output_dir": str(tmp_path / "out")}}
     path = tmp_path / "planned.yaml"
     path.write_text(yaml.safe_dump(doc))
-    s = sweep.load_sweep(str(path))
-    study = sweep.open_study(s.settings, s.space)
-    sweep.apply_plan(s, study)
+    s = load_sweep(str(path))
+    study = engine.open_study(s.settings, s.space)
+    engine.apply_plan(s, study)
     plan = budget.Plan(**study.user_attrs["plan"])
     # 4 trials x 2 epochs x 0.9 n images x 1 ms x 1.25 + 4 x 3 s <= 120 s  ->  n <= 12,000; steps of 10%
     assert 0.9 * 12000 <= plan.train_limit <= 12000 and plan.predicted_s <= 120
@@ -61,8 +62,8 @@ def test_the_plan_fits_the_budget_is_printed_first_and_kept_on_resume(tmp_path, 
     printed = capsys.readouterr().out
     assert "Plan for sweep.budget=2 min" in printed and f"{plan.train_limit:,} of the 20,000 training images" in printed
 
-    resumed = sweep.load_sweep(str(path), ["sweep.budget=1h"])  # a resumed study keeps its data size
+    resumed = load_sweep(str(path), ["sweep.budget=1h"])  # a resumed study keeps its data size
     calls.clear()
-    sweep.apply_plan(resumed, study)
+    engine.apply_plan(resumed, study)
     assert not calls and resumed.overrides[-1] == f"dataset.train_limit={plan.train_limit}"
-    assert sweep.enqueue_design(study, s) == 4 and sweep.enqueue_design(study, s) == 0  # idempotent
+    assert engine.enqueue_design(study, s) == 4 and engine.enqueue_design(study, s) == 0  # idempotent

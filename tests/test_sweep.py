@@ -8,10 +8,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from cnnexp import SWEEPS_DIR, objective, space, study, sweep
+from cnnexp import SWEEPS_DIR
 from cnnexp.config import compose_config
 from cnnexp.errors import ConfigError, StorageError
 from cnnexp.model import layers_from_config, validate_architecture
+from cnnexp.sweep import engine, objective, space, study
+from cnnexp.sweep.space import load_sweep
 from tests.conftest import CIFAR_JPEG, tracking_overrides
 
 # Adam learns 1,000 CIFAR-10 images to ~20% test accuracy in 2 epochs at quarter width: clearly above chance.
@@ -63,9 +65,9 @@ def _needs_cifar(cifar_jpeg):
 def test_sweep_records_trials_in_optuna_mlflow_and_the_report(tmp_path):
     path = write_sweep(tmp_path, {"kernel": "choice(2,3)", "train.batch_size": "choice(50,100)"},
                        settings={"n_trials": 4, "sampler": {"name": "grid", "seed": 0}})
-    s = sweep.load_sweep(str(path))
-    result = sweep.optimize(s, show_progress=False)
-    assert sweep.finish(s, result) == 0
+    s = load_sweep(str(path))
+    result = engine.optimize(s, show_progress=False)
+    assert engine.finish(s, result) == 0
     assert states(result) == ["COMPLETE"] * 4
     assert {(t.params["kernel"], t.params["train.batch_size"]) for t in result.trials} == {
         (2, 50), (2, 100), (3, 50), (3, 100)}
@@ -123,22 +125,22 @@ def test_sweep_records_trials_in_optuna_mlflow_and_the_report(tmp_path):
 def test_a_redrawn_configuration_gets_the_next_seed_and_counts_as_a_replicate(tmp_path):
     """One configuration, three trials: seeds 0, 1, 2, never the same seed twice, so seed noise is real."""
     path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"n_trials": 3})
-    s = sweep.load_sweep(str(path))
-    result = sweep.optimize(s, show_progress=False)
+    s = load_sweep(str(path))
+    result = engine.optimize(s, show_progress=False)
     assert [t.user_attrs["seed"] for t in result.trials] == [0, 1, 2]
     assert all(f"train.seed={t.user_attrs['seed']}" in t.user_attrs["command"] for t in result.trials[1:])
     values = [t.value for t in result.trials]
     assert len(set(values)) > 1  # genuinely different trainings, not identical reruns
-    sweep.finish(s, result)
+    engine.finish(s, result)
     summary = (tmp_path / "out" / "tiny" / "summary.md").read_text()
     assert "from 1 configuration(s) run with several seeds" in summary
 
 
 def test_rerun_resumes_to_the_configured_total_without_duplicates(tmp_path):
     path = write_sweep(tmp_path, {"kernel": "choice(2,3)"}, settings={"n_trials": 2})
-    first = sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
+    first = engine.optimize(load_sweep(str(path)), show_progress=False)
     finished_before = {t.number: t.datetime_complete for t in first.trials}
-    again = sweep.optimize(sweep.load_sweep(str(path), ["sweep.n_trials=4"]), show_progress=False)
+    again = engine.optimize(load_sweep(str(path), ["sweep.n_trials=4"]), show_progress=False)
     assert len(again.trials) == 4
     assert {t.number: t.datetime_complete for t in again.trials if t.number < 2} == finished_before
     pairs = config_seeds(again)
@@ -159,8 +161,8 @@ def test_interrupted_sweep_marks_the_trial_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(objective, "run", interrupt_second_trial)
     with pytest.raises(KeyboardInterrupt):
-        sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
-    s = sweep.load_sweep(str(path))
+        engine.optimize(load_sweep(str(path)), show_progress=False)
+    s = load_sweep(str(path))
     reopened = study.load_study("tiny", str(s.settings.storage))
     # The interrupted trial is FAIL, and queued again (sweep.retry_failed=1) for the next run.
     assert states(reopened) == ["COMPLETE", "FAIL", "WAITING"]
@@ -171,7 +173,7 @@ def test_interrupted_sweep_marks_the_trial_and_resumes(tmp_path, monkeypatch):
     assert {c.data.tags["optuna.trial_state"]: c.info.status for c in children} == {
         "COMPLETE": "FINISHED", "FAIL": "KILLED"}
 
-    resumed = sweep.optimize(s, show_progress=False)
+    resumed = engine.optimize(s, show_progress=False)
     # The retry runs first; the failed attempt doesn't count, so one more trial makes the total of 3.
     assert states(resumed) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert study.count_trials(resumed.trials) == 3 and "error" not in {
@@ -186,9 +188,9 @@ def test_failing_trials_fail_alone_with_their_reason(tmp_path):
     # Pool size 64 shrinks the 32x32 map to nothing: rejected before training. lr=1e30: NaN loss.
     path = write_sweep(tmp_path, {"model.layers.2.size": "choice(2,64)", "train.lr": "choice(0.001,1e30)"},
                        settings={"n_trials": 4, "sampler": {"name": "grid", "seed": 0}})
-    s = sweep.load_sweep(str(path))
-    result = sweep.optimize(s, show_progress=False)
-    assert sweep.finish(s, result, report=False) == 0
+    s = load_sweep(str(path))
+    result = engine.optimize(s, show_progress=False)
+    assert engine.finish(s, result, report=False) == 0
     by_params = {(t.params["model.layers.2.size"], t.params["train.lr"]): t for t in result.trials}
     assert by_params[(2, 0.001)].state.name == "COMPLETE"
     assert by_params[(2, 1e30)].state.name == "FAIL"
@@ -205,8 +207,8 @@ def test_failing_trials_fail_alone_with_their_reason(tmp_path):
 
 def test_a_sweep_where_no_trial_completes_exits_non_zero(tmp_path):
     path = write_sweep(tmp_path, {"model.layers.2.size": "choice(64,128)"}, settings={"n_trials": 2})
-    s = sweep.load_sweep(str(path))
-    assert sweep.finish(s, sweep.optimize(s, show_progress=False), report=False) == 1
+    s = load_sweep(str(path))
+    assert engine.finish(s, engine.optimize(s, show_progress=False), report=False) == 1
     _, parents, _ = mlflow_runs(tmp_path)
     assert parents[0].info.status == "FAILED"
 
@@ -214,13 +216,13 @@ def test_a_sweep_where_no_trial_completes_exits_non_zero(tmp_path):
 def test_median_pruner_prunes_a_trial_behind_the_median(tmp_path):
     path = write_sweep(tmp_path, {"kernel": "choice(3)"}, overrides=["train.epochs=3"], settings={
         "n_trials": 2, "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}})
-    s = sweep.load_sweep(str(path))
+    s = load_sweep(str(path))
     opened = study.open_study(s.settings, s.space)
     # A finished trial that reached 0.9 at every epoch: the real one falls behind it at once.
     opened.add_trial(optuna.trial.create_trial(
         params={"kernel": 3}, distributions={"kernel": optuna.distributions.CategoricalDistribution([3])},
         value=0.9, intermediate_values={1: 0.9, 2: 0.9, 3: 0.9}))
-    result = sweep.optimize(s, show_progress=False)
+    result = engine.optimize(s, show_progress=False)
     pruned = result.trials[1]
     assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [1]
     client, _, children = mlflow_runs(tmp_path)
@@ -237,25 +239,25 @@ def test_unwritable_output_folder_is_found_before_the_first_trial(tmp_path):
     blocker.write_text("")
     path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"output_dir": str(blocker / "out")})
     with pytest.raises(StorageError, match=r"sweep.output_dir: can't write to .*not-a-folder/out/tiny"):
-        sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
+        engine.optimize(load_sweep(str(path)), show_progress=False)
     assert not (tmp_path / "studies.db").exists() or not study.load_study("tiny", f"sqlite:///{tmp_path / 'studies.db'}").trials
 
 
 def test_a_failing_report_never_leaves_the_parent_run_running(tmp_path):
     path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"n_trials": 1})
-    s = sweep.load_sweep(str(path))
-    result = sweep.optimize(s, show_progress=False)
+    s = load_sweep(str(path))
+    result = engine.optimize(s, show_progress=False)
     blocker = tmp_path / "blocked"
     blocker.write_text("")
     s.settings.output_dir = str(blocker)  # the report can't write: out/ is a file
-    assert sweep.finish(s, result) == 2
+    assert engine.finish(s, result) == 2
     _, parents, _ = mlflow_runs(tmp_path)
     assert parents[0].info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
 def test_every_sweep_file_parses_and_its_trials_compose(name, tmp_path):
-    s = sweep.load_sweep(name, [f"sweep.storage=sqlite:///{tmp_path / 's.db'}"])
+    s = load_sweep(name, [f"sweep.storage=sqlite:///{tmp_path / 's.db'}"])
     assert s.space and s.settings.n_trials >= 1
     assert type(study.make_pruner(s.settings)).__name__ == study.PRUNERS[s.settings.pruner.name]
     fresh = optuna.create_study(sampler=study.make_sampler(s.settings, s.space), direction="maximize")
@@ -268,7 +270,7 @@ def test_every_sweep_file_parses_and_its_trials_compose(name, tmp_path):
 
 
 def test_search_space_from_the_command_line_in_hydras_grammar():
-    s = sweep.load_sweep("quick", ["kernel=choice(2,4,6)", "train.lr=tag(log,interval(1e-4,1e-1))",
+    s = load_sweep("quick", ["kernel=choice(2,4,6)", "train.lr=tag(log,interval(1e-4,1e-1))",
                                    "sweep.n_trials=5", "train.epochs=1"])
     assert s.settings.n_trials == 5 and "train.epochs=1" in s.overrides
     assert s.add_keys == {"kernel"}
@@ -281,21 +283,21 @@ def test_search_space_from_the_command_line_in_hydras_grammar():
     assert space.distribution("e", "range(1,6)") == optuna.distributions.IntDistribution(1, 5)
     assert space.values_of(space.distribution("b", "range(0.1,0.4,0.1)")) == [0.1, 0.2, 0.3]
     with pytest.raises(ConfigError, match="n_trialz"):
-        sweep.load_sweep("quick", ["sweep.n_trialz=5"])
+        load_sweep("quick", ["sweep.n_trialz=5"])
 
 
 @pytest.mark.parametrize("name", ["tpe", "random", "grid", "cmaes"])
 def test_every_sampler_and_pruner_is_built_from_yaml(name):
-    s = sweep.load_sweep("batch_epochs", [f"sweep.sampler.name={name}", "sweep.sampler.seed=3"])
+    s = load_sweep("batch_epochs", [f"sweep.sampler.name={name}", "sweep.sampler.seed=3"])
     sampler = study.make_sampler(s.settings, s.space)
     assert type(sampler).__name__ == study.SAMPLERS[name]
     for pruner in study.PRUNERS:
-        settings = sweep.load_sweep("batch_epochs", [f"sweep.pruner={{name: {pruner}}}"]).settings
+        settings = load_sweep("batch_epochs", [f"sweep.pruner={{name: {pruner}}}"]).settings
         assert type(study.make_pruner(settings)).__name__ == study.PRUNERS[pruner]
     with pytest.raises(ConfigError, match="sweep.sampler.name='annealing' is unknown"):
-        study.make_sampler(sweep.load_sweep("batch_epochs", ["sweep.sampler.name=annealing"]).settings, s.space)
+        study.make_sampler(load_sweep("batch_epochs", ["sweep.sampler.name=annealing"]).settings, s.space)
     with pytest.raises(ConfigError, match="sweep.pruner"):
-        study.make_pruner(sweep.load_sweep("batch_epochs", ["sweep.pruner={name: median, bogus: 1}"]).settings)
+        study.make_pruner(load_sweep("batch_epochs", ["sweep.pruner={name: median, bogus: 1}"]).settings)
 
 
 def test_storage_refuses_trials_beyond_n_trials_but_runs_queued_ones(tmp_path):
@@ -330,47 +332,11 @@ def test_sweep_cli_prints_one_line_per_trial_start_and_end(tmp_path):
     assert all(len(line) <= 100 for line in out[out.index("\nparameter "):].splitlines()[:6])
 
 
-def test_no_import_cycles_even_inside_functions():
-    import ast
-
-    from cnnexp import PROJECT_ROOT
-
-    package = PROJECT_ROOT / "cnnexp"
-    modules = {p.stem: p for p in package.glob("*.py") if p.stem != "__init__"}
-    graph = {m: set() for m in modules}
-    for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                if node.module == "cnnexp":
-                    graph[name] |= {a.name for a in node.names}
-                elif node.module.startswith("cnnexp."):
-                    graph[name].add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                graph[name] |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cnnexp.")}
-        graph[name] = (graph[name] & set(modules)) - {name}
-
-    def cycle_from(start):
-        stack = [(start, [start])]
-        while stack:
-            node, path = stack.pop()
-            for nxt in graph[node]:
-                if nxt == start:
-                    return path + [start]
-                if nxt not in path:
-                    stack.append((nxt, path + [nxt]))
-        return None
-
-    cycles = {" -> ".join(c) for m in graph if (c := cycle_from(m))}
-    assert not cycles, cycles
-    assert len(graph) > 15  # every module was read
-    assert {"space", "study", "objective", "sweep", "tracking"} <= set(graph)
-
-
 @pytest.mark.parametrize("log_models", ["all", "none"])
 def test_log_models_all_or_none(tmp_path, log_models):
     path = write_sweep(tmp_path, {"kernel": "choice(3,5)"},
                        settings={"n_trials": 2, "sampler": {"name": "grid"}, "log_models": log_models})
-    result = sweep.optimize(sweep.load_sweep(str(path)), show_progress=False)
+    result = engine.optimize(load_sweep(str(path)), show_progress=False)
     assert states(result) == ["COMPLETE"] * 2
     client, _, children = mlflow_runs(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -380,11 +346,11 @@ def test_log_models_all_or_none(tmp_path, log_models):
 
 
 def test_the_estimate_says_what_it_counts(tmp_path):
-    from cnnexp.estimate import estimate
+    from cnnexp.sweep.estimate import estimate
 
     path = write_sweep(tmp_path, {"kernel": "choice(3,5)", "train.epochs": "choice(1,3)"},
                        settings={"n_trials": 4, "repeats": 1, "repeat_top": 2})
-    message = estimate(sweep.load_sweep(str(path)))
+    message = estimate(load_sweep(str(path)))
     assert message.startswith("No GPU found") and "up to 6 trials x 3 epochs x 900 training images" in message
     assert "on a dataset.train_limit=1000 subset" in message and "not shrunk" not in message
 
@@ -392,8 +358,8 @@ def test_the_estimate_says_what_it_counts(tmp_path):
 def test_repeats_are_genuine_replicates_outside_the_trial_count(tmp_path):
     path = write_sweep(tmp_path, {"kernel": "choice(3,5)"},
                        settings={"n_trials": 2, "sampler": {"name": "grid"}, "repeats": 2, "repeat_top": 1})
-    s = sweep.load_sweep(str(path))
-    result = sweep.optimize(s, show_progress=False)
+    s = load_sweep(str(path))
+    result = engine.optimize(s, show_progress=False)
     main = [t for t in result.trials if "repeat_of" not in t.user_attrs]
     repeats = [t for t in result.trials if "repeat_of" in t.user_attrs]
     assert len(main) == 2 and len(repeats) == 2 and study.count_trials(result.trials) == 2
@@ -401,7 +367,7 @@ def test_repeats_are_genuine_replicates_outside_the_trial_count(tmp_path):
     assert {t.user_attrs["repeat_of"] for t in repeats} == {best.number}
     assert sorted(t.user_attrs["seed"] for t in [best, *repeats]) == [0, 1, 2]  # three different seeds
     assert all(t.params == best.params and t.state.name == "COMPLETE" for t in repeats)
-    assert sweep.enqueue_repeats(result, s.settings) == 0  # a rerun queues nothing more
+    assert engine.enqueue_repeats(result, s.settings) == 0  # a rerun queues nothing more
     _, _, children = mlflow_runs(tmp_path)
     assert {c.info.run_name for c in children if "cnnexp.repeat_of" in c.data.tags} == {
         f"t{best.number} repeat seed 1", f"t{best.number} repeat seed 2"}
@@ -412,11 +378,11 @@ def test_a_broken_mlflow_store_never_decides_a_sweep(tmp_path):
     blocker.write_text("")
     path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"n_trials": 2, "sampler": {"name": "grid"}},
                        overrides=[f"tracking.uri=sqlite:///{blocker / 'mlflow.db'}"])
-    s = sweep.load_sweep(str(path))
+    s = load_sweep(str(path))
     with pytest.warns(UserWarning, match="store-is-a-file.*Not logged to MLflow"):
-        result = sweep.optimize(s, show_progress=False)
+        result = engine.optimize(s, show_progress=False)
     assert states(result) == ["COMPLETE"] * 2 and all(t.value > 0 for t in result.trials)
-    assert sweep.finish(s, result) == 0 and (tmp_path / "out" / "tiny" / "effects.csv").exists()
+    assert engine.finish(s, result) == 0 and (tmp_path / "out" / "tiny" / "effects.csv").exists()
 
 
 def test_recycled_workers_finish_queued_cells_and_repeats(tmp_path):
@@ -426,9 +392,9 @@ def test_recycled_workers_finish_queued_cells_and_repeats(tmp_path):
     restarts = 0
     while True:
         try:
-            result = sweep.optimize(sweep.load_sweep(str(path)), show_progress=False, recycle_after=1)
+            result = engine.optimize(load_sweep(str(path)), show_progress=False, recycle_after=1)
             break
-        except sweep.RecycleProcess:
+        except engine.RecycleProcess:
             restarts += 1
             assert restarts < 5, "a recycled worker never finishes"
     assert restarts == 2 and states(result) == ["COMPLETE"] * 3

@@ -23,7 +23,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from cnnexp import PROJECT_ROOT, sweep, ui
+from cnnexp import PROJECT_ROOT
+from cnnexp.sweep import engine
+from cnnexp.sweep.space import load_sweep
+from cnnexp.tracking import views
 from tests.conftest import run_cli
 from tests.test_sweep import mlflow_runs, write_sweep
 
@@ -126,9 +129,9 @@ def tiny_study(tmp_path_factory, cifar_jpeg):
                        settings={"n_trials": 2, "sampler": {"name": "grid", "seed": 0}, "log_models": "none"})
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_UI_BASE", f"http://127.0.0.1:{port}")
-        loaded = sweep.load_sweep(str(path))
-        study = sweep.optimize(loaded, show_progress=False)
-        assert sweep.finish(loaded, study, report=False) == 0
+        loaded = load_sweep(str(path))
+        study = engine.optimize(loaded, show_progress=False)
+        assert engine.finish(loaded, study, report=False) == 0
     client, parents, children = mlflow_runs(root)
     return SimpleNamespace(root=root, path=path, study=study, port=port, base=f"http://127.0.0.1:{port}",
                            client=client, parent=parents[0], children=children,
@@ -184,10 +187,10 @@ def test_the_recorded_url_opens_the_study_runs_best_first_with_its_columns(tiny_
 def test_run_pages_open_on_their_runs(tiny_study, mlflow_ui, chromium, tmp_path):
     s = tiny_study
     trial = s.study.best_trial
-    child = ui.run_url(s.base, s.experiment_id, trial.user_attrs["mlflow_run_id"])
+    child = views.run_url(s.base, s.experiment_id, trial.user_attrs["mlflow_run_id"])
     text = text_of(browse(child, tmp_path / "child", "--dump-dom"))
     assert f"t{trial.number} k{trial.params['kernel']}" in text and "val_accuracy" in text
-    text = text_of(browse(ui.run_url(s.base, s.experiment_id, s.parent.info.run_id), tmp_path / "parent", "--dump-dom"))
+    text = text_of(browse(views.run_url(s.base, s.experiment_id, s.parent.info.run_id), tmp_path / "parent", "--dump-dom"))
     assert "study tiny" in text
 
 
@@ -209,7 +212,7 @@ def test_the_dashboard_shows_the_study_and_its_metric(tiny_study, dashboard, chr
     study_id = next(st["study_id"] for st in studies if st["study_name"] == "tiny")
     assert first_line == f"Study 'tiny' in optuna-dashboard: {base}/dashboard/studies/{study_id}"
     assert get_json(f"{base}/api/studies/{study_id}")["objective_names"] == ["val_accuracy"]
-    text = text_of(browse(ui.dashboard_url(base, study_id), tmp_path / "profile", "--dump-dom"))
+    text = text_of(browse(views.dashboard_url(base, study_id), tmp_path / "profile", "--dump-dom"))
     assert "tiny" in text and "val_accuracy" in text
 
 
@@ -233,9 +236,9 @@ def test_screenshots(tiny_study, mlflow_ui, dashboard, chromium, tmp_path):
     studies = get_json(f"{dashboard_base}/api/studies")["study_summaries"]
     pages = {
         "mlflow-study-runs": s.study.user_attrs["mlflow_ui_url"],
-        "mlflow-child-run": ui.run_url(s.base, s.experiment_id, s.study.best_trial.user_attrs["mlflow_run_id"]),
-        "mlflow-parent-run": ui.run_url(s.base, s.experiment_id, s.parent.info.run_id),
-        "dashboard-study": ui.dashboard_url(dashboard_base, studies[0]["study_id"]),
+        "mlflow-child-run": views.run_url(s.base, s.experiment_id, s.study.best_trial.user_attrs["mlflow_run_id"]),
+        "mlflow-parent-run": views.run_url(s.base, s.experiment_id, s.parent.info.run_id),
+        "dashboard-study": views.dashboard_url(dashboard_base, studies[0]["study_id"]),
     }
     out = PROJECT_ROOT / "outputs" / "ui-screenshots"
     out.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cnnexp import PROJECT_ROOT, SWEEPS_DIR
 from cnnexp.config import anchor_paths, compose_config
-from cnnexp.design import TASK, Design, load_design
 from cnnexp.errors import ConfigError
+from cnnexp.sweep.design import TASK, Design, load_design
 
 # What a sweep YAML may hold; `sweep.sampler` and `sweep.pruner` take extra keyword arguments.
 DEFAULTS = {

@@ -19,12 +19,13 @@ import uuid
 
 import optuna
 
-from cnnexp import runtime, tracking, ui
+from cnnexp import runtime
 from cnnexp.config import compose_config, effective_overrides, overrides_to_command
 from cnnexp.console import say
 from cnnexp.run import USER_ERRORS, run
-from cnnexp.space import Sweep, suggest, trial_overrides
-from cnnexp.study import assign_seed, best_trial, checkpoint_root
+from cnnexp.sweep.space import Sweep, suggest, trial_overrides
+from cnnexp.sweep.study import assign_seed, best_trial, checkpoint_root
+from cnnexp.tracking import runs, views
 
 # Set by SIGTERM (scancel, Kubernetes). Raising from the signal handler can land inside library
 # code that swallows it, so the flag is also checked at every batch end and before every trial.
@@ -117,7 +118,7 @@ class Objective:
         name = (f"t{repeat_of} repeat seed {seed}" if repeat_of is not None else f"t{trial.number} {label}")
         child = self._child_run(trial, name, seed, repeat_of, retry_of)
         if retry_of is None:
-            ui.log_searched(child, values)  # short columns for the study's view in the MLflow UI
+            views.log_searched(child, values)  # short columns for the study's view in the MLflow UI
         plain = ", ".join(f"{k}={v}" for k, v in values.items())
         what = (f"repeat of trial {repeat_of} ({plain}), seed {seed}" if repeat_of is not None
                 else plain + (f", seed {seed}" if seed != int(sweep.base.train.seed) else ""))
@@ -147,7 +148,7 @@ class Objective:
                      if interrupted else f"{type(err).__name__}: {err}")
             trial.set_user_attr("error", error[:2000])
             child.set_tags({"optuna.trial_state": "FAIL"})
-            child.end(tracking.status_of(err), error=error)
+            child.end(runs.status_of(err), error=error)
             if interrupted and int(settings.get("retry_failed", 0)) > 0:
                 # Ctrl-C, or SIGTERM from a preempting scheduler: keep the checkpoint and queue the
                 # trial again, like a lost worker's; the next run continues it from its last epoch.
@@ -172,19 +173,19 @@ class Objective:
             system_attrs={**{k: v for k, v in frozen.system_attrs.items() if k != "fixed_params"},
                           "failed_trial": history[0], "retry_history": history}))
 
-    def _child_run(self, trial, name, seed, repeat_of, retry_of) -> tracking.Run:
+    def _child_run(self, trial, name, seed, repeat_of, retry_of) -> runs.Run:
         run_id = trial.user_attrs.get("mlflow_run_id") if retry_of is not None else None
         if run_id:  # the lost trial's run: the retry logs into it, so each epoch appears once
-            child = tracking.Run(run_id)
+            child = runs.Run(run_id)
             child.reopen()
             child.set_tags({"optuna.trial_number": trial.number, "optuna.trial_state": "RUNNING"})
             return child
         if self.parent_run_id is None:
-            return tracking.Run(None)
+            return runs.Run(None)
         tags = {"optuna.study_name": self.settings.study_name, "optuna.trial_number": trial.number,
                 "optuna.trial_state": "RUNNING", "cnnexp.seed": seed,
                 **({"cnnexp.repeat_of": repeat_of} if repeat_of is not None else {})}
-        child = tracking.open_run(self.sweep.base.tracking, name, tags, self.parent_run_id)
+        child = runs.open_run(self.sweep.base.tracking, name, tags, self.parent_run_id)
         if child.run_id:
             trial.set_user_attr("mlflow_run_id", child.run_id)
         return child

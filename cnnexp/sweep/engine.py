@@ -10,7 +10,6 @@ the first trial, the MLflow parent run, waiting for other workers, repeats, and 
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -23,13 +22,13 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
-from cnnexp import tracking, ui
-from cnnexp.console import say, setup_logging
-from cnnexp.errors import CnnexpError, ConfigError, StorageError
+from cnnexp.console import say
+from cnnexp.errors import ConfigError, StorageError
 from cnnexp.locks import store_lock
-from cnnexp.objective import STOP_REQUESTED, Interrupted, Objective, describe
-from cnnexp.space import Sweep, load_sweep
-from cnnexp.study import StudyFull, best_trial, checkpoint_root, count_trials, open_study
+from cnnexp.sweep.objective import STOP_REQUESTED, Interrupted, Objective, describe
+from cnnexp.sweep.space import Sweep
+from cnnexp.sweep.study import StudyFull, best_trial, checkpoint_root, count_trials, open_study
+from cnnexp.tracking import runs, views
 
 
 class RecycleProcess(Exception):
@@ -206,7 +205,7 @@ def apply_plan(sweep: Sweep, study: optuna.Study) -> None:
     The plan is stored on the study, so that every worker and every resumed run trains on the
     same data as the first; a study without a budget trains what it was told to.
     """
-    from cnnexp import budget
+    from cnnexp.sweep import budget
 
     settings = sweep.settings
     seconds = budget.parse_budget(settings.get("budget"))
@@ -227,9 +226,9 @@ def apply_plan(sweep: Sweep, study: optuna.Study) -> None:
 
 
 def _make_plan(sweep: Sweep, seconds: float):
-    from cnnexp import budget
     from cnnexp.run import prepare
-    from cnnexp.space import trial_overrides
+    from cnnexp.sweep import budget
+    from cnnexp.sweep.space import trial_overrides
 
     base = sweep.base
     full = int(base.dataset.train_limit) if base.dataset.get("train_limit") else None
@@ -259,7 +258,7 @@ def _make_plan(sweep: Sweep, seconds: float):
 
 def enqueue_design(study: optuna.Study, sweep: Sweep) -> int:
     """Queue every cell of a designed study `seeds` times, minus what the study already holds."""
-    from cnnexp.study import config_key
+    from cnnexp.sweep.study import config_key
 
     with store_lock(str(sweep.settings.storage)):
         study.set_user_attr("design", {"main": sweep.design.main, "baseline": sweep.design.baseline,
@@ -281,7 +280,7 @@ def _fixed_or_params(trial: optuna.trial.FrozenTrial) -> dict:
     return trial.params or trial.system_attrs.get("fixed_params", {})
 
 
-def attach_study_run(sweep: Sweep, study: optuna.Study) -> tracking.Run:
+def attach_study_run(sweep: Sweep, study: optuna.Study) -> runs.Run:
     """Find or create the study's MLflow parent run, once for all workers, and record it in the study."""
     settings = sweep.settings
     params = {"study_name": settings.study_name, "direction": settings.direction, "metric": settings.metric,
@@ -292,14 +291,14 @@ def attach_study_run(sweep: Sweep, study: optuna.Study) -> tracking.Run:
     with store_lock(str(settings.storage)):
         if "uuid" not in study.user_attrs:
             study.set_user_attr("uuid", uuid.uuid4().hex)
-        parent = tracking.study_run(sweep.base.tracking, str(settings.study_name), params,
+        parent = runs.study_run(sweep.base.tracking, str(settings.study_name), params,
                                     study.user_attrs.get("mlflow_parent_run_id"), study.user_attrs["uuid"])
         if parent.run_id:
             import mlflow
 
             study.set_user_attr("mlflow_parent_run_id", parent.run_id)
             study.set_user_attr("mlflow_tracking_uri", mlflow.get_tracking_uri())
-            url = ui.share_study_view(parent, str(settings.study_name), list(sweep.space), str(settings.metric),
+            url = views.share_study_view(parent, str(settings.study_name), list(sweep.space), str(settings.metric),
                                             str(settings.direction))
             if url:  # the page that opens this study's runs, for the report and the terminal
                 study.set_user_attr("mlflow_ui_url", url)
@@ -310,7 +309,7 @@ def attach_study_run(sweep: Sweep, study: optuna.Study) -> tracking.Run:
 def finish(sweep: Sweep, study: optuna.Study, report: bool = True) -> int:
     """Write the report, attach it to the parent run, end the parent run, and return the exit code."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    parent = tracking.Run(study.user_attrs.get("mlflow_parent_run_id"))
+    parent = runs.Run(study.user_attrs.get("mlflow_parent_run_id"))
     if parent.run_id and study.user_attrs.get("mlflow_tracking_uri"):
         import mlflow
 
@@ -318,7 +317,7 @@ def finish(sweep: Sweep, study: optuna.Study, report: bool = True) -> int:
     code = 0 if complete else 1
     try:
         if report:
-            from cnnexp.report import write_report
+            from cnnexp.report.write import write_report
 
             summary = write_report(study, sweep.settings, parent=parent)
             say(summary)
@@ -333,52 +332,3 @@ def finish(sweep: Sweep, study: optuna.Study, report: bool = True) -> int:
         print(f"error: no trial of study {sweep.settings.study_name!r} completed; see the trials' 'error' attributes.",
               file=sys.stderr)
     return code
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m cnnexp.sweep", description=__doc__.split("\n\n")[0],
-        epilog="Overrides: sweep.<setting>=..., a search space such as 'kernel=choice(2,3,4)', "
-               "or any cnnexp.run override (train.epochs=1).",
-    )
-    parser.add_argument("--sweep", default="seed_questions", help="a name in sweeps/ or a YAML path")
-    parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own logging and warnings")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        sweep = load_sweep(args.sweep, args.overrides)
-        if int(sweep.settings.workers) > 1:
-            from cnnexp.workers import run_workers
-
-            preflight(sweep)
-            code = run_workers(args.sweep, args.overrides, int(sweep.settings.workers), verbose=args.verbose)
-            if code:
-                return code
-            study = open_study(sweep.settings, sweep.space)
-            return finish(sweep, study, report=not args.no_report)
-        # With a budget the plan says what it will cost; the estimate is for studies without one.
-        if sweep.settings.estimate and not sweep.settings.get("budget") and os.environ.get("CNNEXP_WORKER") is None:
-            from cnnexp.estimate import estimate
-
-            message = estimate(sweep)
-            if message:
-                say(message)
-        study = optimize(sweep, recycle_after=int(sweep.settings.recycle_after))
-    except RecycleProcess:
-        # Same command, same process id (Slurm, Kubernetes and sweep.workers keep tracking it).
-        say(f"Restarting this worker after {sweep.settings.recycle_after} trials to free memory.")
-        os.environ.setdefault("CNNEXP_WORKER", "0")  # the restarted process skips the estimate
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "cnnexp.sweep", *sys.argv[1:]])
-    except CnnexpError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return finish(sweep, study, report=not args.no_report)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

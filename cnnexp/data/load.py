@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnexp import folders, formats
-from cnnexp.cache import CACHE_VERSION, DecodeCache
+from cnnexp.data import folders, formats
+from cnnexp.data.cache import CACHE_VERSION, DecodeCache
 from cnnexp.errors import DataError
-from cnnexp.raw import RawDataset, problem, stratified_sample, subset_indices
+from cnnexp.data.raw import RawDataset, problem, stratified_sample, subset_indices
 
 __all__ = ["Dataset", "RawDataset", "DataError", "load_dataset", "load_raw", "describe", "stratified_sample",
            "keras_cache_dir", "fingerprint_path"]

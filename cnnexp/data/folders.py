@@ -35,10 +35,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from cnnexp.archives import Tree, open_tree
-from cnnexp.cache import CACHE_VERSION, DecodeCache
+from cnnexp.data.archives import Tree, open_tree
+from cnnexp.data.cache import CACHE_VERSION, DecodeCache
 from cnnexp.errors import DataError
-from cnnexp.raw import RawDataset, problem, stratified_sample, subset_indices
+from cnnexp.data.raw import RawDataset, problem, stratified_sample, subset_indices
 
 log = logging.getLogger(__name__)
 

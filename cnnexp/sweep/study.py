@@ -20,9 +20,9 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
-from cnnexp import tracking
 from cnnexp.errors import ConfigError, StorageError
 from cnnexp.locks import storage_file, store_lock
+from cnnexp.tracking import runs
 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
             "cmaes": "CmaEsSampler", "gp": "GPSampler"}
@@ -139,7 +139,7 @@ class StaleTrialCallback:
             import mlflow
 
             mlflow.set_tracking_uri(study.user_attrs["mlflow_tracking_uri"])
-            run = tracking.Run(run_id)
+            run = runs.Run(run_id)
             will_retry = self.retry is not None and len(frozen.system_attrs.get("retry_history", [])) < self.retry._max_retry
             run.set_tags({"optuna.trial_state": "FAIL" if not will_retry else "RETRYING"})
             run.end("FAILED", error=LOST + ("; resumed from its last checkpoint by another worker" if will_retry else ""))
@@ -148,7 +148,7 @@ class StaleTrialCallback:
 
 
 def make_sampler(settings, space: dict) -> optuna.samplers.BaseSampler:
-    from cnnexp.space import grid_of
+    from cnnexp.sweep.space import grid_of
 
     options = OmegaConf.to_container(settings.sampler, resolve=True)
     name = options.pop("name", "tpe")

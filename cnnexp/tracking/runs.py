@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp.store import TrackingUnavailable, absolute_uri, configure  # noqa: F401 - the store, re-exported
+from cnnexp.tracking.store import TrackingUnavailable, absolute_uri, configure  # noqa: F401 - the store, re-exported
 
 log = logging.getLogger(__name__)
 

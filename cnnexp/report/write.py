@@ -14,20 +14,17 @@ the summary lists them and says which verdicts would change without them.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 
 import optuna
 import pandas as pd
 
-from cnnexp import stats, tracking
-from cnnexp.answers import answers
-from cnnexp.console import setup_logging, table, wrap
-from cnnexp.errors import CnnexpError
-from cnnexp.space import DEFAULTS
-from cnnexp.study import best_trial, load_study
+from cnnexp.console import table, wrap
+from cnnexp.report import stats
+from cnnexp.report.answers import answers
+from cnnexp.sweep.study import best_trial
+from cnnexp.tracking import runs
 
 COLUMNS = {  # user attribute -> report column
     "seed": "seed", "repeat_of": "repeat_of", "test_accuracy": "test_accuracy", "test_loss": "test_loss",
@@ -157,13 +154,13 @@ def _is_log(study: optuna.Study, param: str) -> bool:
     return False
 
 
-def write_report(study: optuna.Study, settings, parent: tracking.Run | None = None) -> str:
+def write_report(study: optuna.Study, settings, parent: runs.Run | None = None) -> str:
     """Write summary.md, effects.csv, trials.csv and plots/; attach them to the parent run.
 
     Returns:
         The plain-text summary for the terminal (answers first, tables that fit 100 columns).
     """
-    from cnnexp.plots import plot_all
+    from cnnexp.report.plots import plot_all
 
     out = Path(str(settings.output_dir)) / study.study_name
     out.mkdir(parents=True, exist_ok=True)
@@ -251,33 +248,3 @@ def _markdown(frame: pd.DataFrame) -> str:
                                                                                 and abs(v) >= 100 else f"{v:.4g}"))
     shown = shown.astype(object).where(shown.notna(), "")
     return shown.astype(str).replace({"nan": "", "<NA>": "", "None": ""}).to_markdown(index=False)
-
-
-def main(argv=None) -> int:
-    from omegaconf import OmegaConf
-
-    parser = argparse.ArgumentParser(prog="python -m cnnexp.report", description="Report on an Optuna study.")
-    parser.add_argument("study", help="the study name (a sweep's study_name, by default the sweep file's name)")
-    parser.add_argument("--storage", default=DEFAULTS["sweep"]["storage"])
-    parser.add_argument("--out", default=DEFAULTS["sweep"]["output_dir"])
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        study = load_study(args.study, args.storage)
-        settings = OmegaConf.create({**DEFAULTS["sweep"], "study_name": args.study, "storage": args.storage,
-                                     "output_dir": args.out, "direction": study.direction.name.lower(),
-                                     "n_trials": len(study.trials),
-                                     "metric": study.user_attrs.get("metric", DEFAULTS["sweep"]["metric"])})
-        if study.user_attrs.get("mlflow_tracking_uri"):
-            import mlflow
-
-            mlflow.set_tracking_uri(study.user_attrs["mlflow_tracking_uri"])
-        print(write_report(study, settings, parent=tracking.Run(study.user_attrs.get("mlflow_parent_run_id"))))
-    except CnnexpError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from cnnexp import runtime
-from cnnexp.space import Sweep, values_of
+from cnnexp.sweep.space import Sweep, values_of
 
 
 def estimate(sweep: Sweep) -> str | None:
