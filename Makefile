@@ -15,15 +15,6 @@ DASHBOARD_PORT ?= 8080
 # `make ui` / `make dashboard` show the most recent study; with SWEEP=name given, that sweep's study.
 UI_STUDY = $(if $(filter-out file,$(origin SWEEP)),--sweep $(SWEEP))
 PYTEST_ARGS ?=
-# `make sweep` on CIFAR-10: the standard archive staged in the Keras cache if it is there,
-# else the image-folder copy in ../shared/data (mnist sweeps are left alone).
-CIFAR10_FOLDER ?= $(firstword $(wildcard ../shared/data/cifar10-jpeg.tar.gz))
-STANDARD_CIFAR10 := $(wildcard $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/cifar-10-*)
-ifeq ($(STANDARD_CIFAR10)$(filter mnist,$(SWEEP)),)
-ifneq ($(CIFAR10_FOLDER),)
-SWEEP_DATA := dataset=folder dataset.path=$(abspath $(CIFAR10_FOLDER))
-endif
-endif
 MLFLOW_SERVER_STORE ?= sqlite:///mlflow-server.db
 MLFLOW_SERVER_ARTIFACTS ?= mlartifacts-server
 
@@ -56,17 +47,16 @@ run: install ## One experiment, e.g. make run ARGS='+kernel=7 train.epochs=1'
 	$(PY) -m cnnexp.run $(ARGS)
 
 sweep: install ## The main job: an Optuna study from sweeps/$(SWEEP).yaml, e.g. make sweep SWEEP=quick
-	$(PY) -m cnnexp.sweep --sweep $(SWEEP) sweep.workers=$(WORKERS) $(SWEEP_DATA) $(ARGS)
+	$(PY) -m cnnexp.sweep --sweep $(SWEEP) sweep.workers=$(WORKERS) $(ARGS)
 
 report: install ## Tables and plots for a study: make report SWEEP=quick
 	$(PY) -m cnnexp.report $(SWEEP) $(ARGS)
 
 ui: install ## The MLflow UI on http://127.0.0.1:$(PORT) over the runs' store; prints first the URL of the latest study's runs
-	@$(PY) -m cnnexp.ui mlflow-url --tracking-uri $(MLFLOW_TRACKING_URI) --port $(PORT) $(UI_STUDY)
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+	$(PY) -m cnnexp.ui mlflow --tracking-uri $(MLFLOW_TRACKING_URI) --port $(PORT) $(UI_STUDY)
 
 dashboard: install ## optuna-dashboard on http://127.0.0.1:$(DASHBOARD_PORT) over the studies (STORAGE); prints the study's page first
-	@$(PY) -m cnnexp.ui dashboard --storage $(STORAGE) --port $(DASHBOARD_PORT) $(UI_STUDY)
+	$(PY) -m cnnexp.ui dashboard --storage $(STORAGE) --port $(DASHBOARD_PORT) $(UI_STUDY)
 
 test: install $(JAX_STAMP) ## The tests CI runs: offline, real training on small subsets; cluster tests skip without their services
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -85,7 +75,7 @@ mlflow-server: install ## An MLflow tracking server on 127.0.0.1:$(PORT) with a 
 		--host 127.0.0.1 --port $(PORT)
 
 bench: install ## Benchmarks side by side (ours vs bare Keras, overhead, pruning, data; FULL=1 adds memory and workers): outputs/bench/
-	$(PY) benchmarks/bench.py --data $(or $(CIFAR10_FOLDER),cifar10-jpeg.tar.gz) $(if $(FULL),--full) $(ARGS)
+	$(PY) benchmarks/bench.py $(if $(FULL),--full) $(ARGS)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check cnnexp tests

@@ -1,4 +1,4 @@
-"""Benchmarks, side by side in one process: `make bench` (or `python benchmarks/bench.py --data PATH [--tiny]`).
+"""Benchmarks, side by side in one process: `make bench` (or `python benchmarks/bench.py [--data PATH] [--tiny]`).
 
 0. time to answer: the designed study of the notebook's questions against a naive full-fidelity
    grid of the same cells (benchmarks/time_to_answer.py): compute, wall time, verdicts;
@@ -29,13 +29,15 @@ from pathlib import Path
 import yaml
 
 from cnnexp import runtime
+from cnnexp.data.locate import SHARED, shared_data_dir
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling module
 from time_to_answer import bench_time_to_answer  # noqa: E402
 from time_to_answer import to_markdown as time_to_answer_markdown  # noqa: E402
 
-# The CIFAR-10 image-folder archive (or folder) to measure on: --data, or $CNNEXP_BENCH_DATA.
-SHARED_CIFAR = Path(os.environ.get("CNNEXP_BENCH_DATA", "cifar10-jpeg.tar.gz"))
+# The CIFAR-10 image-folder archive (or folder) to measure on: --data, else the shared copy that every
+# entry point finds (cnnexp.data.locate: $CNNEXP_SHARED_DATA, default ../shared/data).
+SHARED_CIFAR = shared_data_dir() / SHARED["cifar10"]
 
 SIZES = {  # (train images, test images, epochs, repeats, width, trials for the sweep parts)
     "full": {"train": 2000, "test": 1000, "epochs": 3, "repeats": 3, "width": 1.0, "sweep_trials": 4,
@@ -85,16 +87,17 @@ def base_overrides(size: dict, tmp: Path, width: float | None = None, train: int
 
 def bare_fit(cfg, callbacks=()) -> dict:
     """What the notebook does: build, compile with defaults, model.fit on NumPy arrays, evaluate."""
-    from cnnexp.model import build_model
+    from cnnexp.model.build import build_model
     from cnnexp.run import prepare
-    from cnnexp.train import epoch_timer, make_optimizer
+    from cnnexp.train.callbacks import epoch_timer
+    from cnnexp.train.recipe import make_optimizer
 
     layers, data = prepare(cfg, validated=True)
     k = runtime.keras()
     k.backend.clear_session()
     k.utils.set_random_seed(int(cfg.train.seed))
     model = build_model(layers, data.input_shape, data.num_classes, cfg.model.padding)
-    model.compile(optimizer=make_optimizer(cfg.train), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=make_optimizer(cfg.train, 1000), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     timer = epoch_timer()
     began = time.perf_counter()
     history = model.fit(data.x_train, data.y_train, batch_size=int(cfg.train.batch_size),
@@ -133,7 +136,7 @@ def bench_throughput(size: dict, tmp: Path) -> dict:
             fn = bare
         else:
             cfg = compose_config([*overrides, *extra])
-            fn = lambda cfg=cfg, extra=extra: run(cfg, overrides=[*overrides, *extra])["images_per_second"]  # noqa: E731
+            fn = lambda cfg=cfg, extra=extra: run(cfg, overrides=[*overrides, *extra]).metrics["images_per_second"]  # noqa: E731
         rows[name] = median_of(fn, size["repeats"])
     baseline = rows["bare model.fit (NumPy)"][0]
     return {name: {"images_per_second": round(value, 1), "runs": [round(v, 1) for v in values],
@@ -354,7 +357,7 @@ def main(argv=None) -> int:
     global SHARED_CIFAR
     parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED_CIFAR,
-                        help="the CIFAR-10 image-folder archive or folder (default: $CNNEXP_BENCH_DATA)")
+                        help="the CIFAR-10 image-folder archive or folder (default: the shared copy)")
     parser.add_argument("--mnist", type=Path, default=None,
                         help="the MNIST idx folder for the time-to-answer part (default: mnist-t10k beside --data)")
     parser.add_argument("--full", action="store_true",
@@ -367,7 +370,7 @@ def main(argv=None) -> int:
     SHARED_CIFAR = args.data.resolve()
     if not SHARED_CIFAR.exists():
         print(f"error: the benchmarks read the CIFAR-10 image folder {SHARED_CIFAR}; it is not there "
-              "(pass --data or set CNNEXP_BENCH_DATA).")
+              "(pass --data, or set CNNEXP_SHARED_DATA to the folder holding it).")
         return 2
     size = SIZES["tiny" if args.tiny else "full"]
     out = Path(args.out)

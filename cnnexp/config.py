@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import math
 import shlex
 from collections.abc import Iterable
 from functools import cache
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnexp import CONF_DIR
 from cnnexp.errors import ConfigError
+from cnnexp.train.options import validate_train_config
 
 # Command-line knobs that are deliberately not keys of the primary config, so that the
 # spelling `+kernel=7` works (Hydra refuses '+' for a key that already exists).
@@ -121,75 +121,3 @@ def effective_overrides(overrides: Iterable[str]) -> list[str]:
 def overrides_to_command(overrides: Iterable[str], module: str = "cnnexp.run") -> str:
     """The one-line command that reproduces a run with these overrides."""
     return " ".join(["python", "-m", module, *(shlex.quote(o) for o in effective_overrides(overrides))])
-
-
-# --------------------------------------------------------------------------------------------
-# The `train` section: values checked once, here, so that nothing trains on a bad value.
-
-OPTIMIZERS = {  # train.optimizer -> (Keras class, default learning rate, default momentum)
-    "sgd": ("SGD", 0.01, 0.9), "adam": ("Adam", 3e-4, None), "adamw": ("AdamW", 3e-4, None),
-    "rmsprop": ("RMSprop", 1e-3, 0.0), "nadam": ("Nadam", 3e-4, None), "adagrad": ("Adagrad", 0.01, None),
-}
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-
-
-def optimizer_settings(train_cfg) -> tuple[str, float, float | None]:
-    """(Keras class, learning rate, momentum): `train.lr: null` takes the optimizer's own default.
-
-    SGD's 0.01 is far too high for Adam (its loss blew up to ~1500 on CIFAR-10), so a learning
-    rate is only inherited when the user set one.
-    """
-    name, default_lr, default_momentum = OPTIMIZERS[train_cfg.optimizer]
-    lr = default_lr if train_cfg.get("lr") is None else float(train_cfg.lr)
-    momentum = None if default_momentum is None else (
-        default_momentum if train_cfg.get("momentum") is None else float(train_cfg.momentum))
-    return name, lr, momentum
-
-
-def validate_train_config(train_cfg) -> None:
-    """Check types and ranges of the `train` section; every message names the key to fix."""
-
-    def number(key, *, integer=False, low=None, low_open=False, high=None, high_open=False, optional=False):
-        value = train_cfg.get(key)
-        if optional and value is None:
-            return
-        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type:
-            kind = "an integer" if integer else "a number"
-            raise ConfigError(f"train.{key}={value!r} must be {kind}.")
-        if not math.isfinite(value):
-            raise ConfigError(f"train.{key}={value!r} must be a finite number.")
-        if low is not None and (value <= low if low_open else value < low):
-            raise ConfigError(f"train.{key}={value!r} must be {'>' if low_open else '>='} {low}.")
-        if high is not None and (value >= high if high_open else value > high):
-            raise ConfigError(f"train.{key}={value!r} must be {'<' if high_open else '<='} {high}.")
-
-    if train_cfg.get("optimizer") not in OPTIMIZERS:
-        raise ConfigError(
-            f"train.optimizer={train_cfg.get('optimizer')!r} is unknown; use one of {', '.join(OPTIMIZERS)}."
-        )
-    number("lr", low=0, low_open=True, optional=True)
-    number("momentum", low=0, high=1, high_open=True, optional=True)
-    number("batch_size", integer=True, low=1)
-    number("epochs", integer=True, low=1)
-    number("val_fraction", low=0, low_open=True, high=1, high_open=True)
-    number("seed", integer=True, low=0)
-    number("verbose", integer=True, low=0, high=2)
-    if train_cfg.get("precision") not in PRECISIONS:
-        raise ConfigError(f"train.precision={train_cfg.get('precision')!r} must be one of {', '.join(PRECISIONS)}.")
-    if train_cfg.get("jit_compile") not in ("auto", True, False):
-        raise ConfigError(f"train.jit_compile={train_cfg.get('jit_compile')!r} must be auto, true or false.")
-    if train_cfg.get("steps_per_execution") != "auto":
-        number("steps_per_execution", integer=True, low=1)
-    if train_cfg.get("pipeline") not in ("tf_data", "numpy"):
-        raise ConfigError(f"train.pipeline={train_cfg.get('pipeline')!r} must be tf_data or numpy.")
-    if train_cfg.get("images_per_epoch") is not None:
-        number("images_per_epoch", integer=True, low=int(train_cfg.batch_size))
-        if train_cfg.pipeline != "tf_data":
-            raise ConfigError("train.images_per_epoch needs train.pipeline=tf_data (an endless, reshuffled stream).")
-    stopping = train_cfg.early_stopping
-    if stopping.enabled:
-        if stopping.monitor not in ("val_loss", "val_accuracy", "loss", "accuracy"):
-            raise ConfigError(f"train.early_stopping.monitor={stopping.monitor!r} is not a Keras metric name.")
-        if not isinstance(stopping.patience, int) or stopping.patience < 0:
-            raise ConfigError(f"train.early_stopping.patience={stopping.patience!r} must be an integer >= 0.")

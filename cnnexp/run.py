@@ -7,28 +7,31 @@ wrapper that prints the score like the notebook did.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp import CONF_DIR, model, runtime
-from cnnexp.config import optimizer_settings, overrides_to_command, validate_config
-from cnnexp.data.load import Dataset, describe, keras_cache_dir, load_dataset
+from cnnexp import CONF_DIR, runtime
+from cnnexp.config import SHORTCUTS, overrides_to_command, validate_config
+from cnnexp.data.load import Dataset, describe, load_dataset
 from cnnexp.errors import CnnexpError
+from cnnexp.model.build import build_model
+from cnnexp.model.layers import LayerSpec, layers_config, layers_from_config, layers_text
+from cnnexp.model.shapes import Cost, cost, validate_architecture
 from cnnexp.tracking import runs
-from cnnexp.train import TrainResult, resolve_precision, train_model
+from cnnexp.train.fit import TrainResult, train_model
+from cnnexp.train.options import optimizer_settings, resolve_precision, weight_decay
 
 log = logging.getLogger("cnnexp")
 
-# Errors that are the user's to fix: reported in one line, without a traceback.
-USER_ERRORS = (CnnexpError,)
+# The epoch logs as Keras names them -> as MLflow shows them.
+METRIC_NAMES = {"loss": "train_loss", "accuracy": "train_accuracy", "val_loss": "val_loss",
+                "val_accuracy": "val_accuracy", "epoch_seconds": "epoch_seconds"}
 
 
 @dataclass
@@ -36,61 +39,114 @@ class RunResult:
     """The outcome of one experiment: scores, cost, and what it was (for the sweep and the report)."""
 
     metrics: dict[str, float]           # test_loss, test_accuracy, val_accuracy, val_loss, ... (plain floats)
-    history: dict[str, list[float]]     # per epoch, from epoch 1
-    cost: model.Cost                    # parameters and FLOPs per image
+    history: dict[str, list[float]]     # per epoch, from epoch 1 (epoch_seconds included)
+    cost: Cost                          # parameters and FLOPs per image
     run_id: str | None                  # the MLflow run (None when tracking is off or broken)
+    train_images: int = 0               # images one epoch trains on
+    updates: int = 0                    # optimizer steps over the whole training
     resumed_from_epoch: int = 0
     warnings: list[str] = field(default_factory=list)
     dataset_note: str = ""
+    checkpoint_error: str | None = None
     model: object = field(default=None, repr=False)      # the trained Keras model
     example: object = field(default=None, repr=False)    # a few test inputs, for a model signature
 
-    def __getitem__(self, key: str) -> float:  # result["test_accuracy"], as before
-        return self.metrics[key]
+
+class DatasetMemo:
+    """The last dataset loaded, kept in memory between the runs of one process (a sweep's trials share a decode).
+
+    Explicit: whoever wants the sharing (a sweep's objective, the planner) makes one and passes it to `run`.
+    """
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.dataset: Dataset | None = None
+
+    def load(self, dataset_cfg, val_fraction: float, seed: int) -> Dataset:
+        key = (OmegaConf.to_yaml(dataset_cfg, resolve=True), val_fraction, seed)
+        if key != self.key:
+            self.key, self.dataset = None, load_dataset(dataset_cfg, val_fraction, seed)
+            self.key = key
+        return self.dataset
 
 
-@lru_cache(maxsize=1)
-def _dataset(dataset_yaml: str, val_fraction: float, seed: int) -> Dataset:
-    # Kept in memory between runs of one process, so that trials of a sweep share one decode.
-    return load_dataset(OmegaConf.create(dataset_yaml), val_fraction, seed)
-
-
-def prepare(cfg: DictConfig, validated: bool = False) -> tuple[list[model.LayerSpec], Dataset]:
+def prepare(cfg: DictConfig, validated: bool = False, datasets: DatasetMemo | None = None
+            ) -> tuple[list[LayerSpec], Dataset]:
     """Validate everything that can be validated, then load the data: nothing trains yet."""
     if not validated:
         validate_config(cfg)
-    layers = model.layers_from_config(cfg)
+    layers = layers_from_config(cfg)
     # Shapes are known from the config for every dataset, so a bad architecture fails
     # here, before any data is decoded; the class count is re-checked once it is known.
-    model.validate_architecture(layers, cfg.dataset.input_shape, cfg.dataset.num_classes, cfg.model.padding)
-    dataset = _dataset(OmegaConf.to_yaml(cfg.dataset, resolve=True),
-                       float(cfg.train.val_fraction), int(cfg.train.seed))
-    model.validate_architecture(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding)
+    validate_architecture(layers, cfg.dataset.input_shape, cfg.dataset.num_classes, cfg.model.padding)
+    val_fraction, seed = float(cfg.train.val_fraction), int(cfg.train.seed)
+    dataset = (datasets or DatasetMemo()).load(cfg.dataset, val_fraction, seed)
+    validate_architecture(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding)
     return layers, dataset
 
 
-def resolved_config(cfg: DictConfig, layers: list[model.LayerSpec]) -> DictConfig:
+def resolved_config(cfg: DictConfig, layers: list[LayerSpec]) -> DictConfig:
     """The config as trained: shortcuts applied to the layers, the optimizer's defaults filled in."""
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    out.model.layers = model.layers_config(layers)
+    out.model.layers = layers_config(layers)
     _, lr, momentum = optimizer_settings(cfg.train)
-    out.train.lr, out.train.momentum = lr, momentum
-    for shortcut in ("kernel", "filters", "width"):
+    out.train.lr, out.train.momentum, out.train.weight_decay = lr, momentum, weight_decay(cfg.train)
+    for shortcut in SHORTCUTS:
         out.pop(shortcut, None)
     return out
 
 
-def run(
-    cfg: DictConfig,
-    overrides: Sequence[str] = (),
-    callbacks: Iterable = (),
-    parent_run_id: str | None = None,
-    run_name: str | None = None,
-    tags: dict | None = None,
-    run_id: str | None = None,
-    checkpoint_dir=None,
-    validated: bool = False,
-) -> RunResult:
+def _tags(overrides: Sequence[str], dataset: Dataset, extra: dict | None) -> dict:
+    return {f"{runs.TAG_PREFIX}command": overrides_to_command(overrides), "mlflow.source.git.commit": runtime.git_commit(),
+            f"{runs.TAG_PREFIX}device": runtime.device_description(),
+            f"{runs.TAG_PREFIX}dataset_fingerprint": dataset.fingerprint,
+            f"{runs.TAG_PREFIX}keras_backend": runtime.keras().backend.backend(),
+            f"{runs.TAG_PREFIX}dataset_note": dataset.note or None, **(extra or {})}
+
+
+def _log_what_trains(mlrun: runs.Run, cfg, layers, network_cost: Cost, overrides, dataset: Dataset, net) -> None:
+    """Params (the config as trained), the config file, the dataset and the model summary, once per run."""
+    trained = resolved_config(cfg, layers)
+    params = runs.flatten(trained)
+    params.update({"model.layers_resolved": layers_text(layers), "model.flops_per_image": network_cost.flops,
+                   "model.num_params": network_cost.params, "overrides": " ".join(overrides) or "(defaults)"})
+    # What the user typed (`+kernel=7`), so that single runs filter like a sweep's `swept.kernel`.
+    params.update({key: cfg[key] for key in SHORTCUTS if cfg.get(key) is not None})
+    mlrun.log_params(params)
+    mlrun.log_text(OmegaConf.to_yaml(trained), "config.yaml")
+    source = Path(dataset.source).resolve().as_uri() if dataset.source != "keras.datasets" else dataset.source
+    mlrun.log_dataset(str(cfg.dataset.name), source, dataset.fingerprint)
+    summary: list[str] = []
+    net.summary(print_fn=lambda line, *args, **kwargs: summary.append(line))
+    mlrun.log_text("\n".join(summary), "model_summary.txt")
+
+
+def _log_outcome(mlrun: runs.Run, result: TrainResult, logged: set[int], name: str) -> dict[str, float]:
+    """Epochs restored from a checkpoint but not yet in MLflow, the final figures, the flags; returns the metrics."""
+    for epoch in range(1, result.resumed_from_epoch + 1):
+        if epoch not in logged:
+            mlrun.log_metrics({METRIC_NAMES[k]: v[epoch - 1] for k, v in result.history.items()
+                               if k in METRIC_NAMES and len(v) >= epoch}, step=epoch)
+    metrics = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
+               "val_accuracy": result.history.get("val_accuracy", [float("nan")])[-1],
+               "val_loss": result.history.get("val_loss", [float("nan")])[-1], "epochs_run": result.epochs_run,
+               "train_seconds": result.train_seconds, "images_per_second": result.images_per_second,
+               "train_images": result.train_images, "updates": result.updates}
+    metrics = {key: runs.clean(value) for key, value in metrics.items()}
+    # val_* were logged per epoch already; the rest are the run's final figures.
+    mlrun.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("val_")}, step=result.epochs_run)
+    for message in result.warnings:
+        warnings.warn(f"{name}: {message}; the run is flagged (tag cnnexp.flag).", stacklevel=3)
+    if result.warnings:
+        mlrun.set_tags({f"{runs.TAG_PREFIX}flag": "; ".join(result.warnings)})
+    if result.checkpoint_error:
+        mlrun.set_tags({f"{runs.TAG_PREFIX}checkpoint_error": result.checkpoint_error})
+    return metrics
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = (), parent_run_id: str | None = None,
+        run_name: str | None = None, tags: dict | None = None, run_id: str | None = None, checkpoint_dir=None,
+        validated: bool = False, datasets: DatasetMemo | None = None) -> RunResult:
     """Train and evaluate one model, logging it to MLflow.
 
     Args:
@@ -100,84 +156,36 @@ def run(
         parent_run_id: makes the MLflow run a child of this run (a sweep's study run).
         run_name, tags: for the MLflow run.
         run_id: log into this existing MLflow run (created, and ended, by a sweep's objective).
-        checkpoint_dir: checkpoint every epoch here and resume from it (see `train.train_model`).
+        checkpoint_dir: checkpoint every epoch here and resume from it (see `train.fit.train_model`).
         validated: the caller validated `cfg` already (a sweep validates each trial once).
+        datasets: keep the decoded dataset between runs of this process.
     """
-    layers, dataset = prepare(cfg, validated=validated)
+    layers, dataset = prepare(cfg, validated=validated, datasets=datasets)
     k = runtime.keras()
-    cost = model.cost(layers, dataset.input_shape, cfg.model.padding)
-    trained = resolved_config(cfg, layers)
-    run_tags = {
-        f"{runs.TAG_PREFIX}command": overrides_to_command(overrides),
-        "mlflow.source.git.commit": runtime.git_commit(),
-        f"{runs.TAG_PREFIX}device": runtime.device_description(),
-        f"{runs.TAG_PREFIX}dataset_fingerprint": dataset.fingerprint,
-        f"{runs.TAG_PREFIX}keras_backend": k.backend.backend(),
-        f"{runs.TAG_PREFIX}dataset_note": dataset.note or None,
-        **(tags or {}),
-    }
+    network_cost = cost(layers, dataset.input_shape, cfg.model.padding)
     name = run_name or f"{cfg.model.name}-{cfg.dataset.name}"
-    with runs.start_run(cfg.tracking, name, run_tags, parent_run_id, run_id) as mlrun:
+    with runs.start_run(cfg.tracking, name, _tags(overrides, dataset, tags), parent_run_id, run_id) as mlrun:
         # Epochs already in the run: a trial resumed from its checkpoint has them (and its params).
         logged = mlrun.metric_steps("val_accuracy") if run_id is not None else set()
-        resumed = bool(logged)
-        if not resumed:  # a resumed trial's run has all of this already
-            params = runs.flatten(trained)
-            params["model.layers_resolved"] = model.layers_text(layers)
-            params["model.flops_per_image"] = cost.flops
-            params["model.num_params"] = cost.params
-            params["overrides"] = " ".join(overrides) or "(defaults)"
-            mlrun.log_params(params)
-            mlrun.log_text(OmegaConf.to_yaml(trained), "config.yaml")
-            source = Path(os.path.expanduser(str(cfg.dataset.get("path") or keras_cache_dir()))).resolve()
-            mlrun.log_dataset(str(cfg.dataset.name), source.as_uri(), dataset.fingerprint)
-
         # Every run starts from a clean, seeded state: nothing leaks from a previous trial.
         k.backend.clear_session()
         k.utils.set_random_seed(int(cfg.train.seed))
-        # Set on every run, so that no trial inherits another's policy.
-        k.mixed_precision.set_global_policy(resolve_precision(cfg.train))
-        net = model.build_model(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding,
-                                name=str(cfg.model.name))
-        if not resumed:
-            summary: list[str] = []
-            net.summary(print_fn=lambda line, *args, **kwargs: summary.append(line))
-            mlrun.log_text("\n".join(summary), "model_summary.txt")
-        log.info("%s | %d parameters, %.1f MFLOPs per image | %s", describe(dataset), cost.params,
-                 cost.flops / 1e6, runtime.device_description())
-
-        result: TrainResult = train_model(net, dataset, cfg.train, checkpoint_dir=checkpoint_dir,
-                                          callbacks=[runs.epoch_logger(mlrun, logged), *callbacks])
-        if result.resumed_from_epoch and mlrun.active:
-            # Epochs checkpointed before the worker died but not yet in MLflow: log them once.
-            names = {"loss": "train_loss", "accuracy": "train_accuracy", "val_loss": "val_loss",
-                     "val_accuracy": "val_accuracy"}
-            for epoch in range(1, result.resumed_from_epoch + 1):
-                if epoch not in logged:
-                    mlrun.log_metrics({names[k]: v[epoch - 1] for k, v in result.history.items() if k in names},
-                                      step=epoch)
-        metrics = {
-            "test_loss": result.test_loss,
-            "test_accuracy": result.test_accuracy,
-            "val_accuracy": result.history.get("val_accuracy", [float("nan")])[-1],
-            "val_loss": result.history.get("val_loss", [float("nan")])[-1],
-            "epochs_run": result.epochs_run,
-            "train_seconds": result.train_seconds,
-            "images_per_second": result.images_per_second,
-        }
-        metrics = {key: runs.clean(value) for key, value in metrics.items()}
-        # val_* were logged per epoch already; the rest are the run's final figures.
-        mlrun.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("val_")},
-                          step=result.epochs_run)
-        for message in result.warnings:
-            warnings.warn(f"{name}: {message}; the run is flagged (tag cnnexp.flag).", stacklevel=2)
-        if result.warnings:
-            mlrun.set_tags({f"{runs.TAG_PREFIX}flag": "; ".join(result.warnings)})
+        k.mixed_precision.set_global_policy(resolve_precision(cfg.train))  # set on every run: never inherited
+        net = build_model(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding, name=str(cfg.model.name))
+        if not logged:  # a resumed trial's run has all of this already
+            _log_what_trains(mlrun, cfg, layers, network_cost, overrides, dataset, net)
+        log.info("%s | %d parameters, %.1f MFLOPs per image | %s", describe(dataset), network_cost.params,
+                 network_cost.flops / 1e6, runtime.device_description())
+        result = train_model(net, dataset, cfg.train, checkpoint_dir=checkpoint_dir,
+                             callbacks=[runs.epoch_logger(mlrun, logged, METRIC_NAMES), *callbacks])
+        metrics = _log_outcome(mlrun, result, logged, name)
         if cfg.tracking.log_model:
             mlrun.log_model(net, dataset.x_test[:4])
-    return RunResult(metrics=metrics, history=result.history, cost=cost, run_id=mlrun.run_id,
-                     resumed_from_epoch=result.resumed_from_epoch, warnings=result.warnings, dataset_note=dataset.note,
-                     model=net, example=dataset.x_test[:4])
+    return RunResult(metrics=metrics, history=result.history, cost=network_cost, run_id=mlrun.run_id,
+                     train_images=result.train_images, updates=result.updates,
+                     resumed_from_epoch=result.resumed_from_epoch, warnings=result.warnings,
+                     dataset_note=dataset.note, checkpoint_error=result.checkpoint_error, model=net,
+                     example=dataset.x_test[:4])
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -190,15 +198,16 @@ def main(cfg: DictConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)
     try:
         result = run(cfg, overrides=overrides)
-    except USER_ERRORS as err:
+    except CnnexpError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"test loss: {result['test_loss']:.4f}")
-    print(f"test accuracy: {result['test_accuracy']:.4f}")
-    print(f"({result['images_per_second']:.0f} images/s in training; {result.cost.params:,} parameters, "
+    print(f"test loss: {result.metrics['test_loss']:.4f}")
+    print(f"test accuracy: {result.metrics['test_accuracy']:.4f}")
+    print(f"({result.metrics['images_per_second']:.0f} images/s in training; {result.cost.params:,} parameters, "
           f"{result.cost.flops / 1e6:.1f} MFLOPs per image; MLflow run {result.run_id or 'not logged'})")
-    return result["test_accuracy"]
+    return result.metrics["test_accuracy"]
 
 
 if __name__ == "__main__":
+    runtime.setup_environment()
     main()

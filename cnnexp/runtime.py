@@ -1,4 +1,4 @@
-"""Process set-up shared by every entry point: quiet TensorFlow, devices, descriptions."""
+"""Process set-up shared by every entry point: the environment, quiet imports of Keras/TensorFlow, devices."""
 
 from __future__ import annotations
 
@@ -11,15 +11,21 @@ import sys
 import tempfile
 from functools import cache
 
-# TensorFlow's C++ logging is configured from the environment when it is first imported,
-# so these must be set before any `import tensorflow` or `import keras`.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow when it is installed, else JAX (GPU machines often have JAX only); KERAS_BACKEND wins.
-os.environ.setdefault("KERAS_BACKEND", "tensorflow" if importlib.util.find_spec("tensorflow") else "jax")
-# MLflow retries an unreachable server for minutes by default; a sweep should warn and go on.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+def setup_environment() -> None:
+    """Set the environment every entry point needs, before Keras, TensorFlow or MLflow are imported.
+
+    Called by the entry points (and by `keras()`, in case a library user calls in directly); each
+    value is a default: whatever the user set wins.
+    """
+    # TensorFlow's C++ logging is configured from the environment when it is first imported.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow when it is installed, else JAX (GPU machines often have JAX only); KERAS_BACKEND wins.
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow" if importlib.util.find_spec("tensorflow") else "jax")
+    # MLflow retries an unreachable server for minutes by default; a sweep should warn and go on.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 @contextlib.contextmanager
@@ -48,6 +54,7 @@ def _stderr_to_file():
 @cache
 def tensorflow():
     """Import TensorFlow once, quietly (for tf.data, also under the JAX backend)."""
+    setup_environment()
     with _stderr_to_file():
         import tensorflow as tf
 
@@ -58,6 +65,7 @@ def tensorflow():
 @cache
 def keras():
     """Import Keras (and its backend) once, without the start-up noise, and return it."""
+    setup_environment()
     with _stderr_to_file():
         import keras as _keras
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from cnnexp.config import compose_config
-from cnnexp.data import cache, folders, formats, load
+from cnnexp.data import cache, folders, formats, load, locate
 from cnnexp.data.raw import subset_indices
 from cnnexp.errors import DataError
 from tests.conftest import make_cifar10_archive
@@ -60,16 +60,48 @@ def test_decoded_data_is_cached_by_content(tmp_path, monkeypatch):
     assert np.array_equal(first.x_train, second.x_train) and first.fingerprint == second.fingerprint
 
 
-def test_missing_dataset_offline_names_the_file_and_where(tmp_path, monkeypatch):
+def test_missing_dataset_offline_names_the_file_and_where_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
-    monkeypatch.setattr(load, "_online", lambda *a, **k: False)
+    monkeypatch.setenv("CNNEXP_SHARED_DATA", str(tmp_path / "no-shared-data"))
+    monkeypatch.setattr(locate, "_online", lambda *a, **k: False)
     with pytest.raises(DataError) as err:
         load.load_raw(dataset_cfg())
     message = str(err.value)
     assert "cifar-10-python.tar.gz" in message and str(tmp_path / "empty" / "datasets") in message
-    assert "no network" in message
+    assert "no network" in message and "cifar10-jpeg.tar.gz" in message and "\n" not in message
     with pytest.raises(DataError, match="mnist.npz"):
         load.load_raw(dataset_cfg("dataset=mnist", "dataset.download=false"))
+
+
+def test_nothing_staged_finds_the_shared_copies_and_says_so(tmp_path, monkeypatch, cifar_jpeg):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("CNNEXP_SHARED_DATA", str(cifar_jpeg.parent))
+    cifar = locate.locate(dataset_cfg())
+    assert (cifar.path, cifar.reader) == (cifar_jpeg, "image_tree") and "JPEG" in cifar.note
+    mnist = locate.locate(dataset_cfg("dataset=mnist"))
+    assert (mnist.path.name, mnist.reader) == ("mnist-t10k", "mnist_idx")
+    data = load.load_dataset(dataset_cfg("dataset.train_limit=300", "dataset.test_limit=100", "dataset.eval_limit=200"))
+    assert len(data.y_train) == 300 and len(data.y_val) == 200 and len(data.y_test) == 100 and data.shared_eval
+    assert data.class_names[0] == "airplane" and "JPEG" in data.note and data.source == str(cifar_jpeg)
+    # A standard archive in the Keras cache comes first.
+    staged = make_cifar10_archive(tmp_path / "empty" / "datasets" / "build", per_batch=20)
+    staged.rename(tmp_path / "empty" / "datasets" / staged.name)
+    assert locate.locate(dataset_cfg()).reader == "cifar10"
+
+
+def test_the_evaluation_set_is_fixed_disjoint_from_training_and_leaves_the_subset_alone(tmp_path):
+    archive = make_cifar10_archive(tmp_path / "staged", per_batch=100)
+    base = [f"dataset.path={archive}", "dataset.train_limit=200", "dataset.test_limit=50"]
+    plain = load.load_dataset(dataset_cfg(*base), val_fraction=0.1)
+    with_eval = load.load_dataset(dataset_cfg(*base, "dataset.eval_limit=150"), val_fraction=0.1, seed=7)
+    again = load.load_dataset(dataset_cfg(*base, "dataset.eval_limit=150"), val_fraction=0.1, seed=8)
+    assert len(with_eval.y_train) == 200 and len(with_eval.y_val) == 150  # no val split taken from the subset
+    assert np.array_equal(with_eval.x_val, again.x_val)  # the same images whatever the trial's seed
+    train_rows = {r.tobytes() for r in with_eval.x_train}
+    assert not train_rows & {r.tobytes() for r in with_eval.x_val}
+    assert {r.tobytes() for r in plain.x_train} | {r.tobytes() for r in plain.x_val} == train_rows
+    with pytest.raises(DataError, match=r"dataset.eval_limit=900: only 300 training images are left over"):
+        load.load_dataset(dataset_cfg(*base, "dataset.eval_limit=900"))
 
 
 def test_stratified_sample_keeps_class_shares_and_is_seeded():
@@ -462,16 +494,16 @@ def test_subset_decodes_only_its_images_and_equals_sampling_the_full_decode(tmp_
     cfg = folder_cfg(tmp_path, small_tree, "dataset.train_limit=30", "dataset.test_limit=12", "dataset.subset_seed=3")
     subset = load.load_dataset(cfg, val_fraction=0.2, seed=1)
     assert len(decoded) == 42  # of 120
-    assert list((tmp_path / "cache").glob("folder-v*-train30-test12-seed3.npz"))
+    assert list((tmp_path / "cache").glob("folder-v*-train30-test12-evalNone-seed3.npz"))
     assert len(subset.y_train) + len(subset.y_val) == 30 and np.bincount(subset.y_test).tolist() == [4, 4, 4]
 
     # What sampling the full decode gives (the path of every other source): the same rows, in the same order.
     full = load.load_raw(folder_cfg(tmp_path, small_tree))
     assert len(decoded) == 42 + 120
-    train_idx, test_idx = subset_indices(full.y_train, full.y_test, cfg)
-    picked = load._subset(cfg)
-    assert np.array_equal(picked.x_train, full.x_train[train_idx]) and np.array_equal(picked.y_train, full.y_train[train_idx])
-    assert np.array_equal(picked.x_test, full.x_test[test_idx]) and np.array_equal(picked.y_test, full.y_test[test_idx])
+    rows = subset_indices(full.y_train, full.y_test, cfg)
+    picked = load._subset(cfg, locate.locate(cfg))
+    assert np.array_equal(picked.x_train, full.x_train[rows.train]) and np.array_equal(picked.y_train, full.y_train[rows.train])
+    assert np.array_equal(picked.x_test, full.x_test[rows.test]) and np.array_equal(picked.y_test, full.y_test[rows.test])
     assert np.array_equal(subset.x_test, picked.x_test.astype(np.float32) / 255)
 
     decoded.clear()  # and the cached subset is not decoded again
@@ -545,10 +577,12 @@ def test_empty_class_folder_is_refused(tmp_path, as_archive):
         load.load_raw(folder_cfg(tmp_path, source))
 
 
-def test_no_pickle_or_yaml_load_in_the_data_modules():
+def test_no_pickle_or_yaml_load_anywhere_in_the_package():
     from cnnexp import PROJECT_ROOT
 
-    for module in ("data", "formats", "folders", "archives", "cache", "raw"):
-        text = (PROJECT_ROOT / "cnnexp" / f"{module}.py").read_text()
+    modules = sorted((PROJECT_ROOT / "cnnexp").rglob("*.py"))
+    assert len(modules) > 25
+    for module in modules:
+        text = module.read_text()
         assert not re.search(r"pickle\.loads?\(|allow_pickle=True|yaml\.load\(", text), module
         assert all("allow_pickle=False" in line for line in text.splitlines() if "np.load(" in line), module

@@ -21,6 +21,25 @@ def test_the_default_study_asks_all_five_questions():
     assert s.settings.pruner.name == "none" and budget.parse_budget(s.settings.budget) == 2400
 
 
+def test_data_given_for_the_study_reaches_the_main_task_and_never_an_arm_with_its_own_dataset(tmp_path):
+    from cnnexp.config import compose_config
+    from cnnexp.sweep.space import trial_overrides
+
+    sweep_file = tmp_path / "arms.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "overrides": ["dataset.test_limit=300"],
+        "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}, "main": "cifar10",
+                   "arms": {"mnist": ["dataset=mnist", "model=mnist_cnn"], "wide": ["+width=2"]}}}))
+    s = load_sweep(str(sweep_file), ["dataset=folder", f"dataset.path={CIFAR_JPEG}", "dataset.train_limit=900"])
+    main = compose_config(trial_overrides(s, {"task": "cifar10", "kernel": 5}))
+    mnist = compose_config(trial_overrides(s, {"task": "mnist"}))
+    wide = compose_config(trial_overrides(s, {"task": "wide"}))
+    assert (main.dataset.name, main.dataset.train_limit, main.dataset.test_limit) == ("folder", 900, 300)
+    assert (mnist.dataset.name, mnist.dataset.train_limit, mnist.dataset.test_limit, mnist.model.name) == \
+        ("mnist", None, None, "mnist_cnn")
+    assert (wide.dataset.name, wide.dataset.train_limit, wide.width) == ("folder", 900, 2)  # no dataset of its own
+
+
 @pytest.mark.parametrize(("design", "message"), [
     ({"seeds": 1, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}}, "design.seeds=1 must be an integer >= 2"),
     ({"baseline": {}, "vary": {"kernel": [3, 5]}}, "design.vary.kernel: give its baseline value"),

@@ -108,8 +108,8 @@ def test_package_inits_are_thin():
 
 @pytest.mark.parametrize("module", ["cnnexp.runtime", "cnnexp.run", "cnnexp.sweep.engine", "cnnexp.report.write"])
 def test_importing_a_module_changes_no_environment_variable(module):
-    code = ("import os, json; before = dict(os.environ); import importlib; importlib.import_module(%r); "
-            "print(json.dumps(sorted(k for k in os.environ if os.environ.get(k) != before.get(k))))" % module)
+    code = (f"import os, json; before = dict(os.environ); import importlib; importlib.import_module({module!r}); "
+            "print(json.dumps(sorted(k for k in os.environ if os.environ.get(k) != before.get(k))))")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_", "KERAS_", "MLFLOW_"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT,
                          timeout=300)

@@ -7,8 +7,8 @@ import pytest
 from mlflow import MlflowClient
 
 from cnnexp.config import compose_config
+from cnnexp.errors import NonFiniteLossError
 from cnnexp.run import run
-from cnnexp.train import NonFiniteLossError
 from tests.conftest import folder_overrides, run_cli, tracking_overrides
 
 
@@ -94,7 +94,7 @@ def test_training_options_run_correctly_on_cpu(options, cifar_jpeg):
     result = run(compose_config(overrides), overrides=overrides)
     history = result.history
     assert all(math.isfinite(v) for v in history["loss"]) and history["loss"][1] < history["loss"][0]
-    assert result["test_accuracy"] > 0.15 and result["images_per_second"] > 0
+    assert result.metrics["test_accuracy"] > 0.15 and result.metrics["images_per_second"] > 0
     expected = next((o.split("=")[1] for o in options if o.startswith("train.precision")), "float32")
     assert result.model.dtype_policy.name == expected
 
@@ -124,7 +124,7 @@ def test_adam_alone_gets_adams_learning_rate_and_trains_well(tmp_path, cifar_jpe
     overrides = [*folder_overrides(cifar_jpeg, train_limit=3000, test_limit=1000), "+kernel=7",
                  "train.optimizer=adam", "train.epochs=2", "train.verbose=0", *tracking_overrides(tmp_path)]
     result = run(compose_config(overrides), overrides=overrides)
-    assert result["test_accuracy"] > 0.25 and not result.warnings
+    assert result.metrics["test_accuracy"] > 0.25 and not result.warnings
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (r,) = client.search_runs([client.get_experiment_by_name("cnnexp").experiment_id])
     assert r.data.params["train.lr"] == "0.0003" and r.data.params["train.optimizer"] == "adam"
@@ -184,7 +184,8 @@ def test_non_finite_learning_rates_are_refused(override, message):
 
 
 def test_a_kernel_larger_than_its_feature_map_warns(recwarn):
-    from cnnexp.model import layers_from_config, validate_architecture
+    from cnnexp.model.layers import layers_from_config
+    from cnnexp.model.shapes import validate_architecture
 
     cfg = compose_config(["+kernel=40"])
     validate_architecture(layers_from_config(cfg), cfg.dataset.input_shape, 10, cfg.model.padding)
@@ -197,8 +198,8 @@ def test_epochs_can_be_chunks_of_an_endless_stream(cifar_jpeg):
     overrides = [*folder_overrides(cifar_jpeg, train_limit=1000, test_limit=300), "+width=0.25", "tracking=off",
                  "train.optimizer=adam", "train.epochs=3", "train.images_per_epoch=400", "train.verbose=0"]
     result = run(compose_config(overrides), overrides=overrides)
-    assert len(result.history["val_accuracy"]) == 3 and result["epochs_run"] == 3
-    assert result["test_accuracy"] > 0.13
+    assert len(result.history["val_accuracy"]) == 3 and result.metrics["epochs_run"] == 3
+    assert result.metrics["test_accuracy"] > 0.13
 
 
 @pytest.mark.parametrize(("flags", "gpu", "expected"), [
@@ -207,7 +208,7 @@ def test_epochs_can_be_chunks_of_an_endless_stream(cifar_jpeg):
 ])
 def test_precision_auto_uses_bfloat16_only_where_the_hardware_does_it(monkeypatch, flags, gpu, expected):
     from cnnexp import runtime
-    from cnnexp.train import resolve_precision
+    from cnnexp.train.options import resolve_precision
 
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(runtime, "has_gpu", lambda: gpu)

@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 from cnnexp import SWEEPS_DIR
 from cnnexp.config import compose_config
 from cnnexp.errors import ConfigError, StorageError
-from cnnexp.model import layers_from_config, validate_architecture
+from cnnexp.model.layers import layers_from_config
+from cnnexp.model.shapes import validate_architecture
 from cnnexp.sweep import engine, objective, space, study
 from cnnexp.sweep.space import load_sweep
 from tests.conftest import CIFAR_JPEG, tracking_overrides
@@ -263,7 +264,7 @@ def test_every_sweep_file_parses_and_its_trials_compose(name, tmp_path):
     fresh = optuna.create_study(sampler=study.make_sampler(s.settings, s.space), direction="maximize")
     for _ in range(3):
         trial = fresh.ask()
-        cfg = compose_config([*s.overrides, *space.trial_overrides(s, space.suggest(trial, s.space))])
+        cfg = compose_config(space.trial_overrides(s, space.suggest(trial, s.space)))
         validate_architecture(layers_from_config(cfg), cfg.dataset.input_shape, cfg.dataset.num_classes,
                               cfg.model.padding)
         fresh.tell(trial, 0.5)

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 # Bumped when the cache layout changes, so that old files are not misread.
 # 2: arrays carry a sha256 and the source fingerprint; image folders are cached per selection.
-CACHE_VERSION = 2
+# 3: a fixed evaluation set (dataset.eval_limit) beside the subsets; folder fingerprints cover the tree.
+CACHE_VERSION = 3
 STALE_AFTER_S = 24 * 3600
 _HOST = socket.gethostname().replace("~", "-")
 _CHECKSUM, _SOURCE = "__sha256__", "__source__"

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from cnnexp.data.archives import Tree, open_tree
 from cnnexp.data.cache import CACHE_VERSION, DecodeCache
 from cnnexp.errors import DataError
-from cnnexp.data.raw import RawDataset, problem, stratified_sample, subset_indices
+from cnnexp.data.raw import RawDataset, Rows, problem, stratified_sample, subset_indices
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +53,33 @@ def load(source: Path, dataset_cfg, digest: str, cache: DecodeCache, subset: boo
     shape = input_shape(dataset_cfg)
     max_pixels = int(dataset_cfg.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     max_bad = float(dataset_cfg.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION))
-    test_fraction = float(dataset_cfg.test_fraction)
+    test_fraction = float(dataset_cfg.get("test_fraction", 0.2))  # unused by trees with train/ and test/
     if not 0 <= max_bad <= 1 or max_pixels < 1:
         raise DataError(f"dataset.max_bad_fraction={max_bad} must be in [0, 1] and dataset.max_image_pixels="
                         f"{max_pixels} at least 1.")
     with open_tree(source) as tree:
         listed = _cached_listing(tree, digest, cache, test_fraction)
         y_train, y_test = listed["y_train"], listed["y_test"]
-        train_idx, test_idx = (subset_indices(y_train, y_test, dataset_cfg) if subset
-                               else (np.arange(len(y_train)), np.arange(len(y_test))))
-        names = [str(n) for n in listed["train_files"][train_idx]], [str(n) for n in listed["test_files"][test_idx]]
-        labels = y_train[train_idx], y_test[test_idx]
+        rows = (subset_indices(y_train, y_test, dataset_cfg) if subset
+                else Rows(np.arange(len(y_train)), np.array([], int), np.arange(len(y_test))))
+        # Decoded in three groups: the training subset, the test subset, the evaluation set.
+        groups = [(listed["train_files"], y_train, rows.train), (listed["test_files"], y_test, rows.test),
+                  (listed["train_files"], y_train, rows.eval)]
+        names = [[str(n) for n in files[idx]] for files, _, idx in groups]
+        labels = [y[idx] for _, y, idx in groups]
         class_names = [str(c) for c in listed["class_names"]]
-        total = len(names[0]) + len(names[1])
-        selection = (f"-train{dataset_cfg.train_limit}-test{dataset_cfg.test_limit}-seed{dataset_cfg.subset_seed}"
-                     if subset else "")
+        total = sum(len(n) for n in names)
+        selection = (f"-train{dataset_cfg.train_limit}-test{dataset_cfg.test_limit}-eval{dataset_cfg.get('eval_limit')}"
+                     f"-seed{dataset_cfg.subset_seed}" if subset else "")
         key = f"folder-v{CACHE_VERSION}-{digest[:20]}-{'x'.join(map(str, shape))}-{test_fraction}-px{max_pixels}"
         decoded_now = []
 
         def build() -> dict[str, np.ndarray]:
-            x, skipped = _decode(tree, names[0] + names[1], shape, max_pixels)
-            keep = [np.array([n not in skipped for n in split], bool) for split in names]
-            raw = RawDataset(x[: keep[0].sum()], labels[0][keep[0]], x[keep[0].sum():], labels[1][keep[1]],
-                             class_names, digest, skipped)
+            x, skipped = _decode(tree, [n for group in names for n in group], shape, max_pixels)
+            keep = [np.array([n not in skipped for n in group], bool) for group in names]
+            ends = np.cumsum([k.sum() for k in keep])
+            raw = RawDataset(x[: ends[0]], labels[0][keep[0]], x[ends[0]: ends[1]], labels[1][keep[1]],
+                             class_names, digest, skipped, x_eval=x[ends[1]:], y_eval=labels[2][keep[2]])
             _report_bad(skipped, total, source, max_bad)
             decoded_now.append(True)
             why = problem(raw, shape, complete=not subset)
@@ -87,7 +91,7 @@ def load(source: Path, dataset_cfg, digest: str, cache: DecodeCache, subset: boo
             raw = RawDataset.from_arrays(arrays, digest)
             if raw.class_names != class_names:
                 return f"classes {raw.class_names} where the source has {class_names}"
-            expected = tuple(y[[n not in raw.skipped for n in split]] for y, split in zip(labels, names))
+            expected = tuple(y[[n not in raw.skipped for n in group]] for y, group in zip(labels, names))
             return problem(raw, shape, complete=not subset, expected=expected)
 
         raw = RawDataset.from_arrays(cache.get_or_build(key + selection, digest, build, check), digest)

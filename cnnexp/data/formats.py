@@ -123,8 +123,8 @@ def read_mnist_npz(source: Path) -> RawDataset:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"{source} is not a readable mnist.npz ({type(err).__name__}: {err}).") from err
     return RawDataset(
-        _nhwc(arrays["x_train"]).astype(np.uint8), arrays["y_train"].astype(np.int32),
-        _nhwc(arrays["x_test"]).astype(np.uint8), arrays["y_test"].astype(np.int32),
+        nhwc(arrays["x_train"]).astype(np.uint8), arrays["y_train"].astype(np.int32),
+        nhwc(arrays["x_test"]).astype(np.uint8), arrays["y_test"].astype(np.int32),
         [str(i) for i in range(10)], "",
     )
 
@@ -178,5 +178,6 @@ def read_mnist_idx(source: Path) -> RawDataset:
     return RawDataset(x[~test], y[~test], x[test], y[test], [str(i) for i in range(10)], "", note=T10K_NOTE)
 
 
-def _nhwc(x: np.ndarray) -> np.ndarray:
+def nhwc(x: np.ndarray) -> np.ndarray:
+    """Grayscale (N, H, W) gets a channel axis: (N, H, W, 1)."""
     return x[..., None] if x.ndim == 3 else x

@@ -1,11 +1,10 @@
-"""Data stage: find a dataset offline, decode it once (cached by content), subset, scale, split.
+"""Load a dataset for training: decoded once (cached by content), subset, split and scaled.
 
-Every loader works from a staged file. Downloads happen only when nothing is staged,
-`dataset.download` is true and the network answers; otherwise one clear error says
-which file to stage and where. The pieces: `cnnexp.formats` (CIFAR-10 batches, mnist.npz, idx),
-`cnnexp.folders` (image-folder trees and archives), `cnnexp.cache` (the verified decode cache),
-`cnnexp.raw` (decoded arrays, their checks, seeded subsets). Every user-fixable problem is one
-`DataError` (from `cnnexp.errors`, re-exported here), never a traceback.
+Every loader works from a staged file (`cnnexp.data.locate`: dataset.path, the Keras cache, the
+shared data folder; a download only when nothing is staged, `dataset.download` is true and the
+network answers). The pieces: `formats` (CIFAR-10 batches, mnist.npz, idx), `folders` (image-folder
+trees and archives), `cache` (the verified decode cache), `raw` (decoded arrays, their checks, seeded
+subsets). Every user-fixable problem is one `DataError`, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +19,15 @@ import numpy as np
 
 from cnnexp.data import folders, formats
 from cnnexp.data.cache import CACHE_VERSION, DecodeCache
-from cnnexp.errors import DataError
+from cnnexp.data.locate import Source, fingerprint_path, locate
 from cnnexp.data.raw import RawDataset, problem, stratified_sample, subset_indices
-
-__all__ = ["Dataset", "RawDataset", "DataError", "load_dataset", "load_raw", "describe", "stratified_sample",
-           "keras_cache_dir", "fingerprint_path"]
+from cnnexp.errors import DataError
 
 log = logging.getLogger(__name__)
+
+SHAPES = {"cifar10": (32, 32, 3), "mnist_npz": (28, 28, 1), "mnist_idx": (28, 28, 1), "idx_folder": (28, 28, 1)}
+READERS = {"cifar10": formats.read_cifar10, "mnist_npz": formats.read_mnist_npz, "mnist_idx": formats.read_mnist_idx,
+           "idx_folder": formats.read_idx_folder}
 
 
 @dataclass
@@ -42,7 +42,9 @@ class Dataset:
     y_test: np.ndarray
     class_names: list[str]
     fingerprint: str  # sha256 of the source, plus the subset and split that were taken
+    source: str = ""  # the file or folder it was read from ("keras.datasets" for a download)
     note: str = ""    # said wherever the result is shown (e.g. MNIST answered on its t10k digits only)
+    shared_eval: bool = False  # x_val is the study's fixed evaluation set (dataset.eval_limit)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -53,118 +55,103 @@ class Dataset:
         return len(self.class_names)
 
 
-# --------------------------------------------------------------------------------------------
-# Public entry point
-
-
 def load_dataset(dataset_cfg, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """Load, subset, scale and split the dataset that `dataset_cfg` describes.
 
     Args:
         dataset_cfg: the `dataset` config group (name, path, limits, scale, ...).
-        val_fraction: share of the training split held out for validation, stratified.
-        seed: seeds the validation split (subsets use `dataset.subset_seed`).
+        val_fraction: share of the training subset held out for validation, stratified; unused
+            when `dataset.eval_limit` gives a fixed evaluation set from the images the subset leaves.
+        seed: seeds the validation split (subsets and the evaluation set use `dataset.subset_seed`).
 
     Returns:
         A `Dataset` whose subsets are stratified and seeded, never "the first N".
     """
-    raw = _subset(dataset_cfg)
-    x_train, y_train, x_test, y_test = raw.x_train, raw.y_train, raw.x_test, raw.y_test
-
-    n_val = int(round(len(y_train) * val_fraction)) if val_fraction else 0
-    if n_val and (n_val < len(raw.class_names) or len(y_train) - n_val < 1):
-        raise DataError(
-            f"train.val_fraction={val_fraction} of {len(y_train)} training images leaves too few "
-            f"for a stratified validation split over {len(raw.class_names)} classes; "
-            "raise dataset.train_limit or train.val_fraction."
-        )
-    val_pick = stratified_sample(y_train, n_val, np.random.default_rng(seed)) if n_val else []
-    is_val = np.zeros(len(y_train), bool)
-    is_val[val_pick] = True
-
+    source = locate(dataset_cfg)
+    raw = _subset(dataset_cfg, source)
+    x_train, y_train = raw.x_train, raw.y_train
+    if raw.y_eval is not None and len(raw.y_eval):
+        is_val = np.zeros(len(y_train), bool)  # the whole subset trains; the fixed eval set validates
+    else:
+        is_val = _validation_rows(y_train, val_fraction, seed, len(raw.class_names))
     scale = _scaler(dataset_cfg.scale, x_train[~is_val])
+    x_val, y_val = (raw.x_eval, raw.y_eval) if raw.y_eval is not None and len(raw.y_eval) else \
+        (x_train[is_val], y_train[is_val])
     fingerprint = hashlib.sha256(
-        f"{raw.fingerprint}|{dataset_cfg.train_limit}|{dataset_cfg.test_limit}|"
+        f"{raw.fingerprint}|{dataset_cfg.train_limit}|{dataset_cfg.test_limit}|{dataset_cfg.get('eval_limit')}|"
         f"{dataset_cfg.subset_seed}|{val_fraction}|{seed}|{dataset_cfg.scale}".encode()
     ).hexdigest()
     return Dataset(
-        x_train=scale(x_train[~is_val]),
-        y_train=y_train[~is_val],
-        x_val=scale(x_train[is_val]),
-        y_val=y_train[is_val],
-        x_test=scale(x_test),
-        y_test=y_test,
-        class_names=raw.class_names,
-        fingerprint=fingerprint[:16],
-        note=raw.note,
+        x_train=scale(x_train[~is_val]), y_train=y_train[~is_val], x_val=scale(x_val), y_val=y_val,
+        x_test=scale(raw.x_test), y_test=raw.y_test, class_names=raw.class_names, fingerprint=fingerprint[:16],
+        source=str(source.path or "keras.datasets"), note="; ".join(filter(None, [source.note, raw.note])),
+        shared_eval=raw.y_eval is not None and len(raw.y_eval) > 0,
     )
 
 
-def load_raw(dataset_cfg) -> RawDataset:
-    """The decoded dataset, from the cache when this exact source was decoded before."""
-    name = dataset_cfg.name
-    if name == "cifar10":
-        source = _locate(dataset_cfg, _CIFAR10_CANDIDATES, "cifar-10-python.tar.gz")
-        read, shape = formats.read_cifar10, (32, 32, 3)
-    elif name == "mnist":
-        source = _locate(dataset_cfg, ["mnist.npz", "mnist-t10k"], "mnist.npz")
-        is_idx = source is not None and source.is_dir() and (source / formats.T10K_IMAGES).exists()
-        read, shape = (formats.read_mnist_idx if is_idx else formats.read_mnist_npz), (28, 28, 1)
-    elif name == "fashion_mnist":
-        source = _locate(dataset_cfg, ["fashion-mnist"], "fashion-mnist/ (the four idx .gz files)")
-        read, shape = formats.read_idx_folder, (28, 28, 1)
-    elif name == "folder":
-        source = _folder_source(dataset_cfg)
-        return folders.load(source, dataset_cfg, fingerprint_path(source), _cache(dataset_cfg))
-    else:
+def _validation_rows(y_train: np.ndarray, val_fraction: float, seed: int, n_classes: int) -> np.ndarray:
+    """A stratified, seeded validation split of the training subset, as a mask."""
+    n_val = int(round(len(y_train) * val_fraction)) if val_fraction else 0
+    if n_val and (n_val < n_classes or len(y_train) - n_val < n_classes):
         raise DataError(
-            f"Unknown dataset.name={name!r}: use cifar10, mnist, fashion_mnist or folder."
+            f"train.val_fraction={val_fraction} of {len(y_train)} training images leaves too few "
+            f"for a stratified validation split over {n_classes} classes; "
+            "raise dataset.train_limit or train.val_fraction."
         )
-    if source is None:  # nothing staged and a download was possible
-        return _download(name)
+    is_val = np.zeros(len(y_train), bool)
+    if n_val:
+        is_val[stratified_sample(y_train, n_val, np.random.default_rng(seed))] = True
+    return is_val
 
-    digest = fingerprint_path(source)
+
+def load_raw(dataset_cfg, source: Source | None = None) -> RawDataset:
+    """The decoded dataset, from the cache when this exact source was decoded before."""
+    source = source or locate(dataset_cfg)
+    if source.reader == "download":  # nothing staged and a download was possible
+        return _download(str(dataset_cfg.name))
+    digest = fingerprint_path(source.path)
+    if source.reader == "image_tree":
+        return folders.load(source.path, dataset_cfg, digest, _cache(dataset_cfg))
+    read, shape = READERS[source.reader], SHAPES[source.reader]
 
     def build() -> dict[str, np.ndarray]:
-        raw = read(source)
+        raw = read(source.path)
         why = problem(raw, shape)
         if why:
-            raise DataError(f"{source} does not hold a usable {name} dataset: {why}.")
+            raise DataError(f"{source.path} does not hold a usable {dataset_cfg.name} dataset: {why}.")
         return raw.to_arrays()
 
     arrays = _cache(dataset_cfg).get_or_build(
-        f"{name}-v{CACHE_VERSION}-{digest[:20]}", digest, build,
+        f"{dataset_cfg.name}-v{CACHE_VERSION}-{digest[:20]}", digest, build,
         lambda stored: problem(RawDataset.from_arrays(stored, digest), shape),
     )
     raw = RawDataset.from_arrays(arrays, digest)
-    if read is formats.read_mnist_idx and not (source / "train-images-idx3-ubyte.gz").exists():
+    if source.reader == "mnist_idx" and not (source.path / "train-images-idx3-ubyte.gz").exists():
         raw.note = formats.T10K_NOTE
     return raw
 
 
 def describe(data: Dataset) -> str:
     """One line for logs: sizes of the splits and the image shape."""
-    return (f"{len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test images "
+    val = "eval (fixed)" if data.shared_eval else "val"
+    return (f"{len(data.y_train)} train / {len(data.y_val)} {val} / {len(data.y_test)} test images "
             f"of {'x'.join(map(str, data.input_shape))}, {data.num_classes} classes")
 
 
-# --------------------------------------------------------------------------------------------
-# Subsets and scaling
+def _subset(dataset_cfg, source: Source) -> RawDataset:
+    """The rows `dataset.train_limit`/`eval_limit`/`test_limit` pick, in their seeded order.
 
-
-def _subset(dataset_cfg) -> RawDataset:
-    """The rows `dataset.train_limit`/`test_limit` pick, in their seeded order.
-
-    An image folder decodes only those rows; any other source is decoded whole, then sampled
+    An image tree decodes only those rows; any other source is decoded whole, then sampled
     with the same `subset_indices`, so both give the same rows in the same order.
     """
-    if dataset_cfg.name == "folder" and (dataset_cfg.train_limit is not None or dataset_cfg.test_limit is not None):
-        source = _folder_source(dataset_cfg)
-        return folders.load(source, dataset_cfg, fingerprint_path(source), _cache(dataset_cfg), subset=True)
-    raw = load_raw(dataset_cfg)
-    train_idx, test_idx = subset_indices(raw.y_train, raw.y_test, dataset_cfg)
-    return RawDataset(raw.x_train[train_idx], raw.y_train[train_idx], raw.x_test[test_idx], raw.y_test[test_idx],
-                      raw.class_names, raw.fingerprint, raw.skipped)
+    limited = any(dataset_cfg.get(k) is not None for k in ("train_limit", "test_limit", "eval_limit"))
+    if source.reader == "image_tree" and limited:
+        return folders.load(source.path, dataset_cfg, fingerprint_path(source.path), _cache(dataset_cfg), subset=True)
+    raw = load_raw(dataset_cfg, source)
+    rows = subset_indices(raw.y_train, raw.y_test, dataset_cfg)
+    return RawDataset(raw.x_train[rows.train], raw.y_train[rows.train], raw.x_test[rows.test], raw.y_test[rows.test],
+                      raw.class_names, raw.fingerprint, raw.skipped, raw.note,
+                      x_eval=raw.x_train[rows.eval], y_eval=raw.y_train[rows.eval])
 
 
 def _scaler(mode: str, x_fit: np.ndarray):
@@ -178,75 +165,8 @@ def _scaler(mode: str, x_fit: np.ndarray):
     raise DataError(f"dataset.scale={mode!r} is not one of: unit, standardize.")
 
 
-# --------------------------------------------------------------------------------------------
-# Locating staged files (offline first)
-
-_CIFAR10_CANDIDATES = [
-    "cifar-10-batches-py",
-    "cifar-10-batches-py_extracted/cifar-10-batches-py",  # where Keras 3 extracts it
-    "cifar-10-python.tar.gz",
-    "cifar-10-batches-py.tar.gz",  # the name Keras saves the download under
-]
-
-
-def keras_cache_dir() -> Path:
-    """Where Keras keeps downloaded datasets: $KERAS_HOME/datasets or ~/.keras/datasets."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "datasets"
-
-
 def _cache(dataset_cfg) -> DecodeCache:
     return DecodeCache(Path(os.path.expanduser(str(dataset_cfg.cache_dir))))
-
-
-def _locate(dataset_cfg, candidates: list[str], stage_as: str) -> Path | None:
-    """dataset.path, then the Keras cache; None means "download" (only if allowed and online)."""
-    if dataset_cfg.path:
-        path = Path(os.path.expanduser(str(dataset_cfg.path)))
-        if path.is_dir():
-            for candidate in candidates:
-                if (path / candidate).exists():
-                    return path / candidate
-            if any(path.glob("*")):  # the folder itself is the extracted dataset
-                return path
-        elif path.exists():
-            return path
-        raise DataError(
-            f"dataset.path={dataset_cfg.path!r} does not exist or holds no {dataset_cfg.name} "
-            f"files; it should be {stage_as} or a folder holding it."
-        )
-    searched = keras_cache_dir()
-    for candidate in candidates:
-        if (searched / candidate).exists():
-            return searched / candidate
-    fallback = dataset_cfg.get("fallback_path")
-    if fallback and Path(os.path.expanduser(str(fallback))).exists():
-        return Path(os.path.expanduser(str(fallback)))  # e.g. MNIST's t10k digits, said so in the report
-    if dataset_cfg.download and _online():
-        return None
-    why = "dataset.download is false" if not dataset_cfg.download else "there is no network"
-    raise DataError(
-        f"The {dataset_cfg.name} dataset is not staged and {why}.\n"
-        f"  Stage it as:  {searched / stage_as}\n"
-        f"  (or set dataset.path=/path/to/{stage_as}; the Keras cache folder follows $KERAS_HOME)"
-    )
-
-
-def _folder_source(dataset_cfg) -> Path:
-    if not dataset_cfg.path:
-        raise DataError("dataset=folder needs dataset.path=/path/to/folder (or .tar.gz / .zip).")
-    path = Path(os.path.expanduser(str(dataset_cfg.path)))
-    if not path.exists():
-        raise DataError(f"dataset.path={dataset_cfg.path!r} does not exist.")
-    return path
-
-
-def _online(host: str = "storage.googleapis.com", timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _download(name: str) -> RawDataset:
@@ -255,26 +175,11 @@ def _download(name: str) -> RawDataset:
     log.info("Downloading %s with keras.datasets (nothing staged locally)", name)
     loader = getattr(keras().datasets, name)
     (x_train, y_train), (x_test, y_test) = loader.load_data()
+    classes = {"cifar10": formats.CIFAR10_CLASSES, "fashion_mnist": formats.FASHION_MNIST_CLASSES}
     raw = RawDataset(
-        _nhwc(x_train), y_train.reshape(-1).astype(np.int32),
-        _nhwc(x_test), y_test.reshape(-1).astype(np.int32),
-        [str(i) for i in range(10)], "",
+        formats.nhwc(x_train), y_train.reshape(-1).astype(np.int32),
+        formats.nhwc(x_test), y_test.reshape(-1).astype(np.int32),
+        list(classes.get(name, [str(i) for i in range(10)])), "",
     )
     raw.fingerprint = hashlib.sha256(raw.x_train.tobytes()[:1 << 24]).hexdigest()
     return raw
-
-
-def _nhwc(x: np.ndarray) -> np.ndarray:
-    return x[..., None] if x.ndim == 3 else x  # grayscale gets a channel axis
-
-
-def fingerprint_path(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's file names, sizes and contents."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()

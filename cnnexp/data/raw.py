@@ -28,6 +28,9 @@ class RawDataset:
     fingerprint: str
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable image -> why (image folders only)
     note: str = ""  # what the user must know about where the data came from (e.g. MNIST from t10k only)
+    # A fixed evaluation set drawn from training images the subset does not use (dataset.eval_limit).
+    x_eval: np.ndarray | None = None
+    y_eval: np.ndarray | None = None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (no objects), so that the cache never needs pickle."""
@@ -36,6 +39,7 @@ class RawDataset:
             "class_names": np.array(self.class_names, dtype=str),
             "skipped_files": np.array(list(self.skipped), dtype=str),
             "skipped_reasons": np.array(list(self.skipped.values()), dtype=str),
+            **({"x_eval": self.x_eval, "y_eval": self.y_eval} if self.y_eval is not None else {}),
         }
 
     @classmethod
@@ -44,6 +48,7 @@ class RawDataset:
             arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
             [str(c) for c in arrays["class_names"]], fingerprint,
             dict(zip(map(str, arrays["skipped_files"]), map(str, arrays["skipped_reasons"]))),
+            x_eval=arrays.get("x_eval"), y_eval=arrays.get("y_eval"),
         )
 
 
@@ -55,9 +60,12 @@ def problem(raw: RawDataset, input_shape: tuple[int, int, int], complete: bool =
         raw: decoded arrays, fresh or from the cache.
         input_shape: the (height, width, channels) every image must have.
         complete: the whole dataset, so every class must have at least one image.
-        expected: the labels the source lists for (train, test), when known.
+        expected: the labels the source lists for (train, test[, eval]), when known.
     """
-    for split, x, y in (("train", raw.x_train, raw.y_train), ("test", raw.x_test, raw.y_test)):
+    splits = [("train", raw.x_train, raw.y_train), ("test", raw.x_test, raw.y_test)]
+    if raw.y_eval is not None:
+        splits.append(("eval", raw.x_eval, raw.y_eval))
+    for split, x, y in splits:
         if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape):
             return f"{split} images are {x.dtype} {tuple(x.shape)}, not uint8 (N, {', '.join(map(str, input_shape))})"
         if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "iu":
@@ -73,7 +81,7 @@ def problem(raw: RawDataset, input_shape: tuple[int, int, int], complete: bool =
         if (counts == 0).any():
             return f"class {raw.class_names[int(np.argmin(counts))]!r} has no images"
     if expected is not None:
-        for split, y, want in (("train", raw.y_train, expected[0]), ("test", raw.y_test, expected[1])):
+        for split, y, want in zip(("train", "test", "eval"), (raw.y_train, raw.y_test, raw.y_eval), expected):
             if not np.array_equal(y, want):
                 return f"{len(y)} {split} labels where the source lists {len(want)} (or other labels)"
     return None
@@ -92,12 +100,34 @@ def stratified_sample(y: np.ndarray, n: int, rng: np.random.Generator) -> np.nda
     return picked
 
 
-def subset_indices(y_train: np.ndarray, y_test: np.ndarray, dataset_cfg) -> tuple[np.ndarray, np.ndarray]:
-    """The rows `dataset.train_limit`/`test_limit` pick: one rng from `dataset.subset_seed`, train first."""
+@dataclass(frozen=True)
+class Rows:
+    """Which rows of the source's train and test splits a config uses."""
+
+    train: np.ndarray
+    eval: np.ndarray  # from the training images `train` leaves: a fixed evaluation set
+    test: np.ndarray
+
+
+def subset_indices(y_train: np.ndarray, y_test: np.ndarray, dataset_cfg) -> Rows:
+    """The rows `dataset.train_limit`/`eval_limit`/`test_limit` pick: one rng from `dataset.subset_seed`.
+
+    Train rows are drawn first, then test rows, then the evaluation rows from the training images
+    left over, so adding an evaluation set never changes the training subset.
+    """
     rng = np.random.default_rng(int(dataset_cfg.subset_seed))
     train_idx = _limit(y_train, dataset_cfg.train_limit, rng, "dataset.train_limit")
     test_idx = _limit(y_test, dataset_cfg.test_limit, rng, "dataset.test_limit")
-    return train_idx, test_idx
+    eval_limit = dataset_cfg.get("eval_limit")
+    eval_idx = np.array([], int)
+    if eval_limit is not None:
+        left = np.setdiff1d(np.arange(len(y_train)), train_idx)
+        if int(eval_limit) > len(left):
+            raise DataError(f"dataset.eval_limit={eval_limit}: only {len(left)} training images are left over by "
+                            f"dataset.train_limit={dataset_cfg.train_limit} (of {len(y_train)}); lower one of them.")
+        eval_idx = left[stratified_sample(y_train[left], int(eval_limit), np.random.default_rng(
+            int(dataset_cfg.subset_seed) + 1))]
+    return Rows(train_idx, eval_idx, test_idx)
 
 
 def _limit(y: np.ndarray, limit, rng: np.random.Generator, key: str) -> np.ndarray:

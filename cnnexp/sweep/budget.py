@@ -60,9 +60,10 @@ def seconds_per_image(overrides: list[str]) -> float:
     The first epoch includes tracing and compiling; single `train_on_batch` calls carry a
     per-call overhead that `fit` doesn't have (measured: they read 2x slower), so neither is used.
     """
-    from cnnexp.model import build_model
+    from cnnexp.model.build import build_model
     from cnnexp.run import prepare
-    from cnnexp.train import epoch_timer, make_optimizer
+    from cnnexp.train.callbacks import epoch_timer
+    from cnnexp.train.recipe import make_optimizer
 
     # A small subset is enough to time an epoch, and decodes in a second.
     cfg = compose_config([*overrides, "dataset.train_limit=2500", "dataset.test_limit=200", "tracking=off"])
@@ -70,7 +71,7 @@ def seconds_per_image(overrides: list[str]) -> float:
     keras = runtime.keras()
     keras.backend.clear_session()
     model = build_model(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding)
-    model.compile(optimizer=make_optimizer(cfg.train), loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=make_optimizer(cfg.train, 1000), loss="sparse_categorical_crossentropy")
     batch = int(cfg.train.batch_size)
     n = min(len(dataset.y_train), max(512, 8 * batch)) // batch * batch
     timer = epoch_timer()

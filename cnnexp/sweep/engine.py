@@ -221,7 +221,7 @@ def apply_plan(sweep: Sweep, study: optuna.Study) -> None:
                 study.set_user_attr("plan", stored)
     plan = budget.Plan(**stored)
     say(plan.text())
-    # A designed study's arms keep their own data: their overrides come after this one.
+    # The main task's data: an arm that names its own dataset keeps it (space.trial_overrides).
     sweep.overrides.append(f"dataset.train_limit={plan.train_limit}")
 
 
@@ -243,7 +243,7 @@ def _make_plan(sweep: Sweep, seconds: float):
         runs, main, fixed = [], [], {}
         for cell in sweep.design.cells():
             arm = cell.get("task") in sweep.design.arms
-            overrides = [*sweep.overrides, *trial_overrides(sweep, cell)]
+            overrides = trial_overrides(sweep, cell)
             if arm:
                 from cnnexp.config import compose_config
 

@@ -12,15 +12,15 @@ def estimate(sweep: Sweep) -> str | None:
     """On a machine without GPU, a rough duration; None on a GPU (fast enough not to ask)."""
     if runtime.has_gpu():
         return None
-    from cnnexp.model import build_model
+    from cnnexp.model.build import build_model
     from cnnexp.run import prepare
-    from cnnexp.train import make_optimizer
+    from cnnexp.train.recipe import make_optimizer
 
     cfg = sweep.base
     layers, dataset = prepare(cfg, validated=True)
     keras = runtime.keras()
     model = build_model(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding)
-    model.compile(optimizer=make_optimizer(cfg.train), loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=make_optimizer(cfg.train, 1000), loss="sparse_categorical_crossentropy")
     batch = int(cfg.train.batch_size)
     x, y = dataset.x_train[:batch], dataset.y_train[:batch]
     model.train_on_batch(x, y)  # compile the step first

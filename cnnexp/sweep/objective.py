@@ -97,7 +97,7 @@ class Objective:
             seed = int(trial.user_attrs["seed"])  # a retry resumes the lost trial: same seed, same run
         else:
             seed, _ = assign_seed(self.study, trial, base_seed, str(settings.storage))
-        overrides = [*sweep.overrides, *trial_overrides(sweep, values)]
+        overrides = trial_overrides(sweep, values)
         if seed != base_seed or "train.seed" in values:
             overrides.append(f"train.seed={seed}")
         key = trial.user_attrs.get("trial_key") if retry_of is not None else None
@@ -131,7 +131,7 @@ class Objective:
                              run_name=name, checkpoint_dir=folder, validated=True,
                              callbacks=[report_and_prune(trial, str(settings.metric), epochs,
                                                          prunable=repeat_of is None)])
-            value = float(result[str(settings.metric)])
+            value = float(result.metrics[str(settings.metric)])
             if not math.isfinite(value):
                 raise ValueError(f"{settings.metric} is {value}")
             self._record(trial, result, child, value)

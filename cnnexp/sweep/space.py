@@ -205,10 +205,20 @@ def suggest(trial: optuna.Trial, space: dict) -> dict:
 
 
 def trial_overrides(sweep: Sweep, values: dict) -> list[str]:
-    """The overrides of one trial's values; a designed study's `task` becomes its arm's overrides."""
-    arm = values.get(TASK)
-    out = [f"{'+' if key in sweep.add_keys else ''}{key}={value}" for key, value in values.items() if key != TASK]
-    if sweep.design is not None and arm in sweep.design.arms:
-        out += list(sweep.design.arms[arm])
-    return out
+    """Every override of one trial: the fixed ones, then the trial's values (a design's `task`: its arm's).
 
+    The rule for data: an arm of a design that names its own dataset (`dataset=mnist`) gets none
+    of the main task's `dataset.*` overrides, wherever they came from (the sweep file, the command
+    line, the budget's plan); an arm that doesn't name one trains on the main task's data.
+    """
+    arm = values.get(TASK)
+    arm_overrides = list(sweep.design.arms[arm]) if sweep.design is not None and arm in sweep.design.arms else []
+    fixed = sweep.overrides
+    if any(_key(o) == "dataset" for o in arm_overrides):
+        fixed = [o for o in fixed if _key(o) != "dataset" and not _key(o).startswith("dataset.")]
+    searched = [f"{'+' if key in sweep.add_keys else ''}{key}={value}" for key, value in values.items() if key != TASK]
+    return [*fixed, *searched, *arm_overrides]
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")

@@ -51,7 +51,7 @@ class Run:
 
     def __init__(self, run_id: str | None):
         self.run_id = run_id
-        self._broken = False  # after one failure, stop paying retries for every later call
+        self._broken: str | None = None  # what failed first: later calls are skipped (no retry storms)
         self._ended = False
 
     @property
@@ -67,9 +67,9 @@ class Run:
                 fn = getattr(self.client(), fn)
             return fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - a logging failure must not stop training
-            self._broken = True
+            self._broken = f"{what}: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}"
             warnings.warn(f"MLflow: {what} and everything after it were not logged for run {self.run_id} "
-                          f"(training and the Optuna record go on): {str(err).splitlines()[0][:300]}", stacklevel=3)
+                          f"(training and the Optuna record go on): {self._broken}", stacklevel=3)
             return None
 
     @staticmethod
@@ -144,8 +144,14 @@ class Run:
                 import tensorflow as tf
 
                 requirements.append(f"tensorflow=={tf.__version__}")
-            with mlflow.start_run(run_id=self.run_id):
-                info = mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+            # Model.log with run_id and a logged model made in the run's experiment, not the fluent
+            # start_run: a failure inside that context would end the run FAILED although its training
+            # completed, and without it the model would land in the default experiment.
+            client = self.client()
+            logged = client.create_logged_model(experiment_id=client.get_run(self.run_id).info.experiment_id,
+                                                name="model", source_run_id=self.run_id)
+            info = mlflow.models.Model.log(None, flavor=mlflow.keras, name="model", model=model, signature=signature,
+                                           pip_requirements=requirements, run_id=self.run_id, model_id=logged.model_id)
             return info.model_uri
 
         return self._safely("the model", log)
@@ -190,13 +196,28 @@ class Run:
         self._safely("the run status", "update_run", self.run_id, status="RUNNING")
 
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
-        """End the run once, with its status (and the reason, for runs that did not finish)."""
-        if self._ended:
+        """End the run once, with the status of its training, even after a tracking error.
+
+        The end is tried even when an earlier call failed (a full artifact store does not keep
+        the run RUNNING); what could not be logged is recorded in the tag `cnnexp.tracking_error`.
+        """
+        if self._ended or self.run_id is None:
             return
+        from mlflow.entities import RunTag
+
         self._ended = True
-        if error:
-            self.set_tags({"error": error[:5000]})
-        self._safely("the run status", "set_terminated", self.run_id, status)
+        tags = {"error": error[:5000] if error else None, f"{TAG_PREFIX}tracking_error": self._broken}
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v]
+        try:
+            if items:
+                self.client().log_batch(self.run_id, tags=items)
+        except Exception:  # noqa: BLE001 - the status below matters more than these tags
+            pass
+        try:
+            self.client().set_terminated(self.run_id, status)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"MLflow: run {self.run_id} could not be ended ({str(err).splitlines()[0][:300]}); "
+                          "it may show RUNNING in the UI.", stacklevel=2)
 
 
 def _experiment(tracking_cfg, what: str) -> str | None:
@@ -262,14 +283,12 @@ def start_run(tracking_cfg, run_name: str, tags: dict | None = None, parent_run_
     run.end("FINISHED")
 
 
-def epoch_logger(run: Run, already_logged: set[int] = frozenset()):
-    """A Keras callback logging train/val loss and accuracy each epoch, at step = epoch (from 1).
+def epoch_logger(run: Run, already_logged: set[int], names: dict[str, str]):
+    """A Keras callback logging the epoch logs named in `names` ({Keras name: MLflow name}) at step = epoch (from 1).
 
     Epochs in `already_logged` (a trial resumed from its checkpoint) are not logged twice.
     """
     from cnnexp.runtime import keras
-
-    names = {"loss": "train_loss", "accuracy": "train_accuracy", "val_loss": "val_loss", "val_accuracy": "val_accuracy"}
 
     class LogEpoch(keras().callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):

@@ -1,0 +1,1 @@
+"""Train stage: the recipe (`options`, `recipe`), the input pipeline (`pipeline`), callbacks, and `fit`."""
