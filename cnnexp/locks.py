@@ -9,19 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 from pathlib import Path
+import hashlib
 
 from cnnexp.errors import StorageError
-
-
-def storage_file(url: str) -> Path | None:
-    """The file behind a SQLite or journal URL (None for servers and in-memory stores)."""
-    for prefix in ("sqlite:///", "journal://", "journal:"):
-        if url.startswith(prefix):
-            path = url.removeprefix(prefix)
-            return None if not path or path.startswith(":") else Path(path)
-    return None
+from cnnexp.paths import storage_file
 
 
 @contextlib.contextmanager
@@ -55,16 +47,28 @@ def store_lock(url: str, name: str = "cnnexp"):
         yield  # in-memory or another server: a single process
 
 
-_ENGINES: dict[str, object] = {}
+class _Engines:
+    """One small SQLAlchemy engine per PostgreSQL URL, for its advisory locks (an explicit, per-process cache)."""
+
+    def __init__(self):
+        self.by_url: dict = {}
+
+    def get(self, url: str):
+        import sqlalchemy
+
+        if url not in self.by_url:
+            self.by_url[url] = sqlalchemy.create_engine(url, pool_pre_ping=True, pool_size=1)
+        return self.by_url[url]
+
+
+ENGINES = _Engines()
 
 
 @contextlib.contextmanager
 def _postgres_advisory_lock(url: str, name: str):
     import sqlalchemy
 
-    engine = _ENGINES.get(url)
-    if engine is None:
-        engine = _ENGINES[url] = sqlalchemy.create_engine(url, pool_pre_ping=True, pool_size=1)
+    engine = ENGINES.get(url)
     key = int(hashlib.sha256(f"{name}-trial-slot".encode()).hexdigest()[:15], 16)
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})

@@ -48,6 +48,7 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     dataset_note: str = ""
     checkpoint_error: str | None = None
+    eval_images: int = 0                # images the validation metrics are measured on
     model: object = field(default=None, repr=False)      # the trained Keras model
     example: object = field(default=None, repr=False)    # a few test inputs, for a model signature
 
@@ -184,7 +185,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
     return RunResult(metrics=metrics, history=result.history, cost=network_cost, run_id=mlrun.run_id,
                      train_images=result.train_images, updates=result.updates,
                      resumed_from_epoch=result.resumed_from_epoch, warnings=result.warnings,
-                     dataset_note=dataset.note, checkpoint_error=result.checkpoint_error, model=net,
+                     dataset_note=dataset.note, checkpoint_error=result.checkpoint_error,
+                     eval_images=len(dataset.y_val), model=net,
                      example=dataset.x_test[:4])
 
 

@@ -23,40 +23,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from cnnexp import PROJECT_ROOT, SWEEPS_DIR
 from cnnexp.config import anchor_paths, compose_config
 from cnnexp.errors import ConfigError
+from cnnexp.model.layers import layers_from_config
+from cnnexp.model.shapes import validate_architecture
 from cnnexp.sweep.design import TASK, Design, load_design
-
-# What a sweep YAML may hold; `sweep.sampler` and `sweep.pruner` take extra keyword arguments.
-DEFAULTS = {
-    "sweep": {
-        "study_name": None,         # default: the sweep file's name
-        "direction": "maximize",
-        "metric": "val_accuracy",   # the test split is for the final score only
-        "n_trials": 10,             # total for the study, across reruns and workers
-        "timeout": None,            # seconds for this invocation
-        "storage": "sqlite:///studies.db",
-        "sampler": {"name": "tpe", "seed": 0},
-        "pruner": {"name": "none"},
-        "repeats": 0,               # re-train the best configurations with this many other seeds
-        "repeat_top": 3,
-        "log_models": "best",       # best | all | none
-        "workers": 1,               # worker processes on this machine (more can join from others)
-        "heartbeat_interval": 10,   # seconds; a trial silent for grace_period is failed as stale
-        "grace_period": 60,
-        "retry_failed": 1,          # re-run a lost worker's trial (from its last checkpoint) this many times
-        "checkpoint_dir": None,     # per-trial checkpoints; default: <storage folder>/checkpoints
-        # TensorFlow keeps ~20 MB per trained model that clear_session() does not return
-        # (measured by `make bench`); the CLI restarts its process after this many trials.
-        "recycle_after": 10,
-        "estimate": True,           # print a time estimate before a sweep on a machine without GPU
-        "output_dir": "outputs/sweeps",
-        "system_metrics": True,     # CPU/memory/GPU of each trial in MLflow (system/ metrics)
-        "budget": None,             # e.g. 45m or 2h: choose the data size to fit, and print the plan first
-    },
-    "design": {},                   # controlled comparisons instead of an optimiser (cnnexp.design)
-    "description": "",
-    "overrides": [],
-    "params": {},
-}
+from cnnexp.sweep.settings import DEFAULTS, validate_settings
+from cnnexp.train.options import is_constant_schedule
 
 
 @dataclass
@@ -71,6 +42,7 @@ class Sweep:
     add_keys: set[str] = field(default_factory=set)  # keys that need '+' (not in the config)
     path: Path | None = None
     design: Design | None = None         # a designed study: its cells are queued, not sampled
+    answers: DictConfig | None = None    # what settles an answer (answers.precision, alpha, looks)
 
 
 def sweep_path(name: str) -> Path:
@@ -84,82 +56,158 @@ def sweep_path(name: str) -> Path:
     return path
 
 
-def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
-    """Read `sweeps/<name>.yaml` (or a YAML path) and apply command-line overrides."""
-    path = sweep_path(name)
+def _read(path: Path) -> DictConfig:
     base = OmegaConf.create(DEFAULTS)
     OmegaConf.set_struct(base, True)
     for node in (base.sweep.sampler, base.sweep.pruner, base.params, base.design):
         OmegaConf.set_struct(node, False)
     try:
-        merged = OmegaConf.merge(base, OmegaConf.load(path))
-    except Exception as err:  # noqa: BLE001 - OmegaConf's key errors name the key
-        raise ConfigError(f"{path}: {err}") from err
+        loaded = OmegaConf.load(path)
+        return OmegaConf.merge(base, loaded)
+    except Exception as err:  # noqa: BLE001 - OmegaConf's errors name the key (or the YAML line)
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from err
 
+
+def _apply_cli(merged: DictConfig, cli_overrides: Sequence[str], parser) -> tuple[dict[str, str], list[str]]:
+    """Sort command-line overrides: settings, searched parameters, fixed overrides (in that order of checks)."""
+    expressions, fixed = {}, []
+    for text in cli_overrides:
+        key, _, value = text.partition("=")
+        if key.startswith(("sweep.", "answers.")):
+            try:
+                OmegaConf.update(merged, key, yaml.safe_load(value) if value else None, merge=False)
+            except Exception as err:  # noqa: BLE001
+                raise ConfigError(f"Unknown setting {key!r} ({str(err).splitlines()[0]}); see sweeps/README or "
+                                  "`python -m cnnexp.sweep --help`.") from err
+            continue
+        try:
+            override = parser.parse_overrides([text])[0]
+        except Exception as err:  # noqa: BLE001 - Hydra's grammar errors
+            raise ConfigError(f"command-line override {text!r} is not valid Hydra syntax "
+                              f"({str(err).splitlines()[0]}).") from err
+        if override.is_sweep_override():
+            expressions[override.key_or_group.lstrip("+")] = value
+        else:
+            fixed.append(text)
+    return expressions, fixed
+
+
+def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
+    """Read `sweeps/<name>.yaml` (or a YAML path), apply command-line overrides, and check everything.
+
+    Every check a sweep can fail happens here, before any study exists: the settings, the search
+    expressions, and that every trial's config composes (a typo in a searched key, a bad value).
+    """
+    path = sweep_path(name)
+    merged = _read(path)
     parser = OverridesParser.create()
     expressions = {str(k).lstrip("+"): str(v) for k, v in merged.params.items()}
     # Paths in a sweep file are relative to the project (../shared/data/...), whatever the working folder.
     fixed = anchor_paths(merged.overrides, PROJECT_ROOT)
-    for text in cli_overrides:
-        if text.startswith("sweep."):
-            key, _, value = text.partition("=")
-            try:
-                OmegaConf.update(merged, key, yaml.safe_load(value) if value else None, merge=False)
-            except Exception as err:  # noqa: BLE001
-                raise ConfigError(f"Unknown sweep setting {key!r}: {err}") from err
-            continue
-        override = parser.parse_overrides([text])[0]
-        if override.is_sweep_override():
-            expressions[override.key_or_group.lstrip("+")] = text.partition("=")[2]
-        else:
-            fixed.append(text)
+    cli_expressions, cli_fixed = _apply_cli(merged, cli_overrides, parser)
+    expressions.update(cli_expressions)
+    fixed += cli_fixed
+    settings = merged.sweep
+    settings.study_name = settings.study_name or path.stem
+    validate_settings(settings, merged.answers)
     design = load_design(merged.design)
+    if design is not None and expressions:
+        raise ConfigError(f"{path}: a designed study takes its values from design.vary, not from params "
+                          f"({', '.join(expressions)}); remove one of them.")
+    base_cfg = compose_config(fixed)
     if design is not None:
-        if expressions:
-            raise ConfigError(f"{path}: a designed study takes its values from design.vary, not from params "
-                              f"({', '.join(expressions)}); remove one of them.")
+        fixed, base_cfg = _with_baseline(design, fixed, base_cfg)
         expressions = design.expressions()
-        merged.sweep.n_trials = design.n_trials()
+        settings.n_trials = design.n_trials()
     if not expressions:
         raise ConfigError(f"{path} searches nothing: add params (e.g. kernel: choice(3,5,7)).")
     space = {key: distribution(key, expression, parser) for key, expression in expressions.items()}
-
-    settings = merged.sweep
-    settings.study_name = settings.study_name or path.stem
-    base_cfg = compose_config(fixed)
-    if design is not None and design.fixed():  # e.g. the baseline's width when no question varies it
-        fixed += [f"{'' if OmegaConf.select(base_cfg, k, default='__absent__') != '__absent__' else '+'}{k}={v}"
-                  for k, v in design.fixed().items()]
-        base_cfg = compose_config(fixed)
     # Which searched keys need '+': those the composed config does not have (the shortcuts).
     keys = set(space) | set(design.baseline if design else {})
-    add_keys = {key for key in keys if OmegaConf.select(base_cfg, key, default="__absent__") == "__absent__"}
-    return Sweep(settings=settings, space=space, expressions=expressions, overrides=fixed, base=base_cfg,
-                 add_keys=add_keys - {TASK}, path=path, design=design)
+    add_keys = {key for key in keys if OmegaConf.select(base_cfg, key, default="__absent__") == "__absent__"} - {TASK}
+    sweep = Sweep(settings=settings, space=space, expressions=expressions, overrides=fixed, base=base_cfg,
+                  add_keys=add_keys, path=path, design=design, answers=merged.answers)
+    check_trials(sweep)
+    return sweep
+
+
+def _with_baseline(design: Design, fixed: list[str], base_cfg: DictConfig) -> tuple[list[str], DictConfig]:
+    """Add the baseline values no question varies (plain overrides) and the epochs arms; re-compose."""
+    def has(key):
+        return OmegaConf.select(base_cfg, key, default="__absent__") != "__absent__"
+
+    if design.fixed():  # e.g. the baseline's width when no question varies it
+        fixed = fixed + [f"{'' if has(k) else '+'}{k}={v}" for k, v in design.fixed().items()]
+        base_cfg = compose_config(fixed)
+    design.add_epoch_arms(int(base_cfg.train.epochs), is_constant_schedule(base_cfg.train),
+                          {k for k in design.baseline if not has(k)})
+    return fixed, base_cfg
+
+
+def probes(sweep: Sweep) -> list[dict]:
+    """Trial values that together touch every searched value: a design's cells, or each value of each key."""
+    if sweep.design is not None:
+        return sweep.design.cells()
+    ends = {key: values_of(dist) or [dist.low, dist.high] for key, dist in sweep.space.items()}
+    first = {key: values[0] for key, values in ends.items()}
+    return [first] + [{**first, key: value} for key, values in ends.items() for value in values[1:]]
+
+
+def check_trials(sweep: Sweep) -> None:
+    """Compose (and validate) the config of every probe trial: a bad key or value fails now, in one line."""
+    for values in probes(sweep):
+        what = ", ".join(f"{k}={v}" for k, v in values.items())
+        try:
+            cfg = compose_config(trial_overrides(sweep, values))
+            validate_architecture(layers_from_config(cfg), cfg.dataset.input_shape, cfg.dataset.num_classes,
+                                  cfg.model.padding)
+        except ConfigError as err:
+            raise ConfigError(f"the trial {what} can't run: {err}") from None
+        except Exception as err:  # noqa: BLE001 - Hydra's own errors (an unknown group option, a bad type)
+            raise ConfigError(f"the trial {what} can't run: {str(err).splitlines()[0]}") from None
 
 
 def distribution(key: str, expression: str, parser=None) -> optuna.distributions.BaseDistribution:
-    """One Hydra sweep expression as an Optuna distribution."""
-    parser = parser or OverridesParser.create()
-    parsed = parser.parse_overrides([f"{key}={expression}"])[0]
+    """One Hydra sweep expression as an Optuna distribution; a bad one is one line naming the key."""
+    where = f"params.{key}={expression!r}"
+    try:
+        parsed = (parser or OverridesParser.create()).parse_overrides([f"{key}={expression}"])[0]
+        sweep = parsed.value()
+    except Exception as err:  # noqa: BLE001 - Hydra's grammar errors
+        raise ConfigError(f"{where} is not a valid sweep expression ({str(err).splitlines()[0]}); "
+                          "use choice(a,b,...), range(start,stop[,step]) or interval(low,high).") from err
     if not parsed.is_sweep_override():
-        raise ConfigError(f"params.{key}: {expression!r} is not a sweep expression such as choice(...).")
-    sweep = parsed.value()
+        raise ConfigError(f"{where} is not a sweep expression such as choice(...).")
+    try:
+        return _distribution(sweep, where)
+    except ValueError as err:  # Optuna's own range checks
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _distribution(sweep, where: str) -> optuna.distributions.BaseDistribution:
     dists = optuna.distributions
     if isinstance(sweep, ChoiceSweep):
+        if not sweep.list:
+            raise ConfigError(f"{where} lists no value.")
         return dists.CategoricalDistribution([_choice_token(v) for v in sweep.list])
     if isinstance(sweep, RangeSweep):
         start, stop, step = sweep.start, sweep.stop, sweep.step
+        if not step or (stop - start) / step <= 0:
+            raise ConfigError(f"{where} is empty: range(start, stop, step) needs start < stop and a positive step.")
         if all(isinstance(v, int) for v in (start, stop, step)):
             return dists.IntDistribution(start, start + step * ((stop - 1 - start) // step), step=step)
         count = int((stop - start) / step - 1e-9) + 1
         return dists.FloatDistribution(start, start + step * (count - 1), step=step)
     if isinstance(sweep, IntervalSweep):
+        if not sweep.start < sweep.end:
+            raise ConfigError(f"{where} is empty: interval(low, high) needs low < high.")
         log_scale = "log" in sweep.tags
-        if "int" in sweep.tags or (isinstance(sweep.start, int) and isinstance(sweep.end, int) and not log_scale):
+        if log_scale and sweep.start <= 0:
+            raise ConfigError(f"{where}: a log interval needs low > 0.")
+        if "int" in sweep.tags:
             return dists.IntDistribution(int(sweep.start), int(sweep.end), log=log_scale)
         return dists.FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
-    raise ConfigError(f"params.{key}: {type(sweep).__name__} is not supported; use choice, range or interval.")
+    raise ConfigError(f"{where}: {type(sweep).__name__} is not supported; use choice, range or interval.")
 
 
 def _choice_token(value):

@@ -1,72 +1,81 @@
-"""The Optuna study: storage, sampler, pruner, and the two rules every worker keeps.
+"""The Optuna study: storage, sampler, pruner, and the two rules every worker keeps, on Optuna's public API.
 
 1. **`n_trials` is exact across workers and machines.** Optuna's `study.optimize(n_trials=...)`
-   counts per process and `MaxTrialsCallback` can overshoot when workers ask at once, so the
-   storage itself refuses a new trial once the study holds `n_trials` (a lock around "count, then
-   create", held only for that instant). Trials taken from the queue (enqueued repeats, retries
-   of a lost worker's trial) are not new and always run.
+   counts per process and `MaxTrialsCallback` can overshoot when workers ask at once, so every
+   `ask` (the one `study.optimize` makes for each trial) holds the study-wide lock while it counts
+   the trials and creates the next one: `CappedStudy.ask`. Queued trials (designed cells,
+   repeats, retries of a lost worker's trial) are not new and always run.
 2. **No configuration is trained twice with the same seed.** A sampler that draws a configuration
    again, a second worker, or a resumed study would otherwise retrain it identically and report
    zero seed noise. `assign_seed` gives such a draw the next seed that configuration has not
    used: it becomes a genuine replicate, and the report counts it as one.
+
+Before anything is written, the storage is checked: a corrupt or foreign SQLite file, a full
+disk, or a study of this name with another search space is one line, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import optuna
 from omegaconf import OmegaConf
 
+from cnnexp import record
 from cnnexp.errors import ConfigError, StorageError
-from cnnexp.locks import storage_file, store_lock
-from cnnexp.tracking import runs
+from cnnexp.locks import store_lock
+from cnnexp.paths import check_writable, storage_file
 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
-            "cmaes": "CmaEsSampler", "gp": "GPSampler"}
+            "cmaes": "CmaEsSampler", "gp": "GPSampler", "nsga2": "NSGAIISampler"}
 PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "successive_halving": "SuccessiveHalvingPruner",
            "hyperband": "HyperbandPruner"}
 SEED_KEY = "train.seed"
 LOST = "worker lost: no heartbeat (killed, out of memory, or its machine went away)"
+WAITING = optuna.trial.TrialState.WAITING
 
 
 class StudyFull(Exception):
     """The study holds its `n_trials` trials: nothing more to ask for."""
 
 
-def counts_towards_total(trial: optuna.trial.FrozenTrial, retried: set[int]) -> bool:
-    """Every trial counts, except repeats (extra seeds) and failures that were retried."""
-    if "repeat_of" in trial.user_attrs:
-        return False
-    return not (trial.state == optuna.trial.TrialState.FAIL and trial.number in retried)
-
-
 def count_trials(trials: list[optuna.trial.FrozenTrial]) -> int:
-    # A retry lists every attempt before it (a lost retry's own retry too): none of those counts.
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    retried |= {t.system_attrs.get("failed_trial") for t in trials} - {None}
-    return sum(counts_towards_total(t, retried) for t in trials)
+    """Trials that count towards `n_trials`: all but repeats (extra seeds), later rounds and retried failures."""
+    retried = {n for t in trials for n in record.retry_history(t)}
+    total = 0
+    for t in trials:
+        facts = record.read_trial(t)
+        if facts.repeat_of is None and facts.round == 1 and not (t.state.name == "FAIL" and t.number in retried):
+            total += 1
+    return total
 
 
-class _Capped:
-    """Storage mix-in: refuse a new trial beyond `cap`, and give a lost worker's trial its reason."""
+class CappedStudy(optuna.Study):
+    """A study whose `ask` refuses a new trial once the study holds `cap`, counted under the study lock."""
 
-    cap: int | None = None
-    lock_url: str = ""
+    def __init__(self, *args, cap: int | None = None, lock_url: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cap, self.lock_url = cap, lock_url
 
-    def _capped(self, create, study_id, template_trial):
-        if template_trial is not None or self.cap is None:  # enqueued, retried or added: always allowed
-            return create(study_id, template_trial)
+    def ask(self, fixed_distributions=None):
+        if self.cap is None:
+            return super().ask(fixed_distributions)
         with store_lock(self.lock_url):
-            if count_trials(self.get_all_trials(study_id, deepcopy=False)) >= self.cap:
+            trials = self.get_trials(deepcopy=False)
+            if not any(t.state == WAITING for t in trials) and count_trials(trials) >= self.cap:
                 raise StudyFull
-            return create(study_id, template_trial)
+            return super().ask(fixed_distributions)
+
+
+class LostWorkerStorage(optuna.storages.RDBStorage):
+    """RDB storage that records why a trial failed when Optuna fails it for a stale heartbeat."""
 
     def set_trial_state_values(self, trial_id, state, values=None):
-        # Optuna fails a stale trial through this call; our objective always records an error
-        # before a trial fails, so a RUNNING trial failed without one lost its worker.
+        # Our objective always records an error before a trial fails, so a RUNNING trial failed
+        # without one lost its worker.
         if state == optuna.trial.TrialState.FAIL:
             trial = self.get_trial(trial_id)
             if trial.state == optuna.trial.TrialState.RUNNING and "error" not in trial.user_attrs:
@@ -74,77 +83,46 @@ class _Capped:
         return super().set_trial_state_values(trial_id, state, values)
 
 
-class CappedRDBStorage(_Capped, optuna.storages.RDBStorage):
-    def _create_new_trial(self, study_id, template_trial=None):  # what Optuna's cache layer calls
-        return self._capped(super()._create_new_trial, study_id, template_trial)
+def check_storage(url: str) -> None:
+    """A storage file that can't be used fails here, in one line, before anything is written to it."""
+    path = storage_file(url)
+    if path is None:
+        return
+    check_writable(path.parent, "sweep.storage")
+    if not url.startswith("sqlite") or not path.exists() or path.stat().st_size == 0:
+        return
+    try:  # read-only: a damaged file is never written to
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as err:
+        problem, tables = str(err), set()
+    if problem != "ok":
+        raise StorageError(f"sweep.storage={url}: {path} is not a usable study storage ({problem}); move it away "
+                           "or point sweep.storage at another file.")
+    if tables and "studies" not in tables:
+        raise StorageError(f"sweep.storage={url}: {path} is a SQLite database of something else (tables "
+                           f"{', '.join(sorted(tables)[:5])}); point sweep.storage at another file.")
 
 
-class CappedJournalStorage(_Capped, optuna.storages.JournalStorage):
-    def create_new_trial(self, study_id, template_trial=None):
-        return self._capped(super().create_new_trial, study_id, template_trial)
-
-
-def make_storage(url: str, settings=None, cap: int | None = None) -> optuna.storages.BaseStorage:
+def make_storage(url: str, settings=None, stale_callback=None) -> optuna.storages.BaseStorage:
     """An Optuna storage for the URL: RDB (SQLite, PostgreSQL, ...) with heartbeats, or a journal file.
 
-    Heartbeats let any worker fail a trial whose worker died; the callback then closes its
+    Heartbeats let any worker fail a trial whose worker died; `stale_callback` then closes its
     MLflow run and, with `sweep.retry_failed`, queues it again to resume from its checkpoint.
     """
     check_storage(url)
     get = (lambda key, default: settings.get(key, default)) if settings is not None else (lambda k, d: d)
-    if url.startswith("journal:"):
-        path = storage_file(url)
-        storage = CappedJournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    else:
-        engine_kwargs = {}
-        if url.startswith("sqlite"):
-            # Wait for the lock instead of failing with "database is locked" when workers share the file.
-            engine_kwargs["connect_args"] = {"timeout": 120}
-        else:
-            engine_kwargs["pool_pre_ping"] = True
-        storage = CappedRDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=int(get("heartbeat_interval", 10)),
-            grace_period=int(get("grace_period", 60)),
-            heartbeat_stale_trial_callback=StaleTrialCallback(int(get("retry_failed", 1))),
-        )
-    storage.cap, storage.lock_url = cap, url
-    return storage
-
-
-def check_storage(url: str) -> None:
-    """A storage file whose folder can't be written fails here, in one line, before any training."""
-    path = storage_file(url)
-    if path is None:
-        return
-    folder = path.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise StorageError(f"sweep.storage={url}: can't create folder {folder} ({err.strerror}).") from err
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise StorageError(f"sweep.storage={url}: {path if path.exists() else folder} is not writable; "
-                           "point sweep.storage at a writable place.")
-
-
-class StaleTrialCallback:
-    """Called by Optuna when a trial's heartbeat went stale: its worker is gone."""
-
-    def __init__(self, retries: int):
-        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=retries, inherit_intermediate_values=True) if retries else None
-
-    def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
-        run_id = frozen.user_attrs.get("mlflow_run_id")
-        if run_id and study.user_attrs.get("mlflow_tracking_uri"):
-            import mlflow
-
-            mlflow.set_tracking_uri(study.user_attrs["mlflow_tracking_uri"])
-            run = runs.Run(run_id)
-            will_retry = self.retry is not None and len(frozen.system_attrs.get("retry_history", [])) < self.retry._max_retry
-            run.set_tags({"optuna.trial_state": "FAIL" if not will_retry else "RETRYING"})
-            run.end("FAILED", error=LOST + ("; resumed from its last checkpoint by another worker" if will_retry else ""))
-        if self.retry is not None:
-            self.retry(study, frozen)
+        if url.startswith("journal:"):
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage_file(url))))
+        engine_kwargs = ({"connect_args": {"timeout": 120}} if url.startswith("sqlite")  # wait, don't fail, when locked
+                         else {"pool_pre_ping": True})
+        return LostWorkerStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(get("heartbeat_interval", 10)),
+                                 grace_period=int(get("grace_period", 60)), heartbeat_stale_trial_callback=stale_callback)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the driver's errors: a full disk, a refused login
+        cause = str(getattr(err, "orig", None) or err.__cause__ or err).splitlines()[0][:300]
+        raise StorageError(f"sweep.storage={url} can't be opened ({type(err).__name__}: {cause}).") from err
 
 
 def make_sampler(settings, space: dict) -> optuna.samplers.BaseSampler:
@@ -163,7 +141,7 @@ def make_sampler(settings, space: dict) -> optuna.samplers.BaseSampler:
             raise ConfigError("sweep.sampler.name=gp needs PyTorch: pip install -e '.[gp]'.") from err
     try:
         return getattr(optuna.samplers, SAMPLERS[name])(**options)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"sweep.sampler: {err}") from err
 
 
@@ -174,27 +152,75 @@ def make_pruner(settings) -> optuna.pruners.BasePruner:
         raise ConfigError(f"sweep.pruner.name={name!r} is unknown; use one of {', '.join(PRUNERS)}.")
     try:
         return getattr(optuna.pruners, PRUNERS[name])(**options)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"sweep.pruner: {err}") from err
 
 
-def open_study(settings, space: dict, metric_names: list[str] | None = None) -> optuna.Study:
-    """Create the study, or load it when it exists (resume), with the configured sampler and pruner."""
-    check_storage(str(settings.storage))
+def _same_space(study: optuna.Study, expressions: dict, design: dict | None, url: str) -> None:
+    """A study of this name that searched another space (or ran another design) is refused, before any trial."""
+    facts = record.read_study(study)
+    stored = facts.space
+    if stored is None:  # a study from before the space was stored: its trials' distributions tell
+        stored = {}
+        for trial in study.get_trials(deepcopy=False):
+            stored.update({k: repr(v) for k, v in trial.distributions.items()})
+        if not stored:
+            return
+        from cnnexp.sweep.space import distribution
+
+        expressions = {k: repr(distribution(k, v)) for k, v in expressions.items()}
+    if stored != expressions or (facts.design is not None and design is not None
+                                 and {k: facts.design.get(k) for k in ("baseline", "vary", "arms")}
+                                 != {k: design.get(k) for k in ("baseline", "vary", "arms")}):
+        had = "; ".join(f"{k}: {v}" for k, v in stored.items())
+        raise ConfigError(f"The study {study.study_name!r} exists in {url} with another search space "
+                          f"({had}). Rerun it with that space, or start a new study: "
+                          f"sweep.study_name={study.study_name}-2.")
+
+
+def open_study(settings, space: dict, expressions: dict | None = None, design: dict | None = None,
+               stale_callback=None, metric_names: list[str] | None = None) -> CappedStudy:
+    """Create the study, or load it when it exists (resume), with the configured sampler and pruner.
+
+    Everything is checked before the study is written to: the storage, and that an existing study
+    of this name searches the same space.
+    """
+    url = str(settings.storage)
+    check_storage(url)
     # Workers starting at once: one creates the storage's tables (Optuna's migrations race otherwise)
     # and the study, the others find them.
-    with store_lock(str(settings.storage)):
-        storage = make_storage(str(settings.storage), settings, cap=int(settings.n_trials))
-        study = optuna.create_study(
-            study_name=str(settings.study_name), storage=storage, sampler=make_sampler(settings, space),
-            pruner=make_pruner(settings), direction=str(settings.direction), load_if_exists=True,
-        )
-        if metric_names and study.metric_names != metric_names:
-            study.set_metric_names(metric_names)  # the dashboard shows val_accuracy, not "Objective 0"
+    with store_lock(url):
+        storage = make_storage(url, settings, stale_callback)
+        sampler, pruner = make_sampler(settings, space), make_pruner(settings)
+        try:
+            existing = str(settings.study_name) in optuna.get_all_study_names(storage)
+            if existing:
+                found = optuna.load_study(study_name=str(settings.study_name), storage=storage)
+                if expressions is not None:
+                    _same_space(found, expressions, design, url)
+                if found.direction.name.lower() != str(settings.direction):
+                    raise ConfigError(f"The study {settings.study_name!r} {found.direction.name.lower()}s; "
+                                      f"sweep.direction={settings.direction} needs a new study name.")
+            else:
+                optuna.create_study(study_name=str(settings.study_name), storage=storage,
+                                    direction=str(settings.direction))
+            study = CappedStudy(study_name=str(settings.study_name), storage=storage, sampler=sampler, pruner=pruner,
+                                cap=int(settings.n_trials), lock_url=url)
+            if not existing and expressions is not None:
+                record.write_study(study, space=expressions, **({"design": design} if design else {}))
+            if metric_names and study.metric_names != metric_names:
+                study.set_metric_names(metric_names)  # the dashboard shows val_accuracy, not "Objective 0"
+        except (ConfigError, StorageError):
+            raise
+        except Exception as err:  # noqa: BLE001 - the database refused: full disk, locked, read-only
+            cause = str(getattr(err, "orig", None) or err).splitlines()[0][:300]
+            raise StorageError(f"sweep.storage={url}: the study {settings.study_name!r} can't be opened "
+                               f"({type(err).__name__}: {cause}).") from err
     return study
 
 
 def load_study(name: str, url: str) -> optuna.Study:
+    """An existing study, to read (the report)."""
     storage = make_storage(url)
     names = optuna.get_all_study_names(storage)
     if name not in names:
@@ -216,26 +242,28 @@ def assign_seed(study: optuna.Study, trial: optuna.Trial, wanted: int, lock_url:
     """
     key = config_key(trial.params)
     with store_lock(lock_url):
-        used = {t.user_attrs["seed"] for t in study.get_trials(deepcopy=False)
-                if t.number != trial.number and "seed" in t.user_attrs and config_key(t.params) == key}
+        used = {facts.seed for facts in record.read_trials(study)
+                if facts.number != trial.number and facts.seed is not None and config_key(facts.params) == key}
         seed = wanted
         while seed in used:
             seed += 1
-        trial.set_user_attr("seed", seed)
+        record.write(trial, seed=seed)
     return seed, len(used)
 
 
 def checkpoint_root(settings) -> Path:
-    """Per-trial checkpoints: `sweep.checkpoint_dir`, else beside the storage (shared by its workers)."""
+    """Per-trial checkpoints: `sweep.checkpoint_dir`/<study>, else beside the storage (shared by its workers)."""
     if settings.get("checkpoint_dir"):
-        return Path(os.path.expanduser(str(settings.checkpoint_dir)))
+        return Path(os.path.expanduser(str(settings.checkpoint_dir))) / str(settings.study_name)
     path = storage_file(str(settings.storage))
     return (path.parent if path else Path(str(settings.output_dir))) / "checkpoints" / str(settings.study_name)
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best complete trial, or None (Optuna raises when none is complete)."""
-    try:
-        return study.best_trial
-    except ValueError:
+def best_trial(study: optuna.Study, main_task: str | None = None) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial (of a design's main task: an arm scores another task); None when none completed."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if main_task is None or t.params.get("task") == main_task]
+    if not done:
         return None
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    return pick(done, key=lambda t: t.value)

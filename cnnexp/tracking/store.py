@@ -14,8 +14,9 @@ import os
 import threading
 from pathlib import Path
 
-from cnnexp.errors import TrackingUnavailable
-from cnnexp.locks import storage_file, store_lock
+from cnnexp.errors import StorageError, TrackingUnavailable
+from cnnexp.locks import store_lock
+from cnnexp.paths import check_writable, storage_file
 
 # MLflow 3's UI opens GenAI experiments on traces; this tag marks ours as model training.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -31,8 +32,24 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-_EXPERIMENTS: dict[tuple[str, str], str] = {}
-_BROKEN: dict[str, str] = {}
+class _Contacts:
+    """What this process learnt of its MLflow stores: experiment ids, and stores that failed (not waited for again)."""
+
+    def __init__(self):
+        self.experiments: dict[tuple[str, str], str] = {}
+        self.broken: dict[str, str] = {}
+
+
+CONTACTS = _Contacts()
+
+
+def use(uri: str) -> str:
+    """Point MLflow's fluent API (model logging, registration) at `uri`: the one place that sets it."""
+    import mlflow
+
+    uri = absolute_uri(str(uri))
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def configure(tracking_cfg) -> str | None:
@@ -45,13 +62,12 @@ def configure(tracking_cfg) -> str | None:
         return None
     import mlflow
 
-    uri = absolute_uri(str(tracking_cfg.uri))
-    mlflow.set_tracking_uri(uri)
+    uri = use(tracking_cfg.uri)
     key = (uri, str(tracking_cfg.experiment))
-    if key in _EXPERIMENTS:
-        return _EXPERIMENTS[key]
-    if uri in _BROKEN:
-        raise TrackingUnavailable(_BROKEN[uri])
+    if key in CONTACTS.experiments:
+        return CONTACTS.experiments[key]
+    if uri in CONTACTS.broken:
+        raise TrackingUnavailable(CONTACTS.broken[uri])
     _check_local_store(uri)
     timeout = float(tracking_cfg.get("timeout", 30))
     result: dict = {}
@@ -73,9 +89,9 @@ def configure(tracking_cfg) -> str | None:
         err = result["error"]
         reason = f"MLflow store {uri} can't be used: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
     else:
-        _EXPERIMENTS[key] = result["id"]
+        CONTACTS.experiments[key] = result["id"]
         return result["id"]
-    _BROKEN[uri] = reason
+    CONTACTS.broken[uri] = reason
     raise TrackingUnavailable(reason)
 
 
@@ -84,19 +100,14 @@ def _check_local_store(uri: str) -> None:
     path = storage_file(uri) if uri.startswith("sqlite") else None
     if path is None:
         return
-    folder = path.parent
-    if path.exists() and not os.access(path, os.W_OK):
-        raise TrackingUnavailable(f"MLflow store {uri} is read-only; point tracking.uri (or MLFLOW_TRACKING_URI) "
-                                  "at a writable file")
-    if not path.exists() and (not _nearest_existing(folder).is_dir() or not os.access(_nearest_existing(folder), os.W_OK)):
-        raise TrackingUnavailable(f"MLflow store {uri}: folder {folder} is not writable; point tracking.uri "
-                                  "(or MLFLOW_TRACKING_URI) at a writable place")
-
-
-def _nearest_existing(folder: Path) -> Path:
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
+    try:
+        check_writable(path.parent, "tracking.uri")
+        if path.exists():
+            with open(path, "r+b"):
+                pass
+    except (StorageError, OSError) as err:
+        raise TrackingUnavailable(f"MLflow store {uri} can't be written ({getattr(err, 'strerror', None) or err}); "
+                                  "point tracking.uri (or MLFLOW_TRACKING_URI) at a writable file") from err
 
 
 def _experiment_id(mlflow, tracking_cfg, uri: str) -> str:

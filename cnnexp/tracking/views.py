@@ -91,7 +91,7 @@ def study_runs_url(tracking_uri: str, base: str, study: str | None = None) -> tu
     Raises:
         StorageError: no such store, or no study in it.
     """
-    from cnnexp.locks import storage_file
+    from cnnexp.paths import storage_file
     from cnnexp.tracking.store import absolute_uri
 
     uri = absolute_uri(tracking_uri)
@@ -124,7 +124,7 @@ def dashboard_target(storage: str, study: str | None = None) -> tuple[str, int, 
     """
     import optuna
 
-    from cnnexp.locks import storage_file
+    from cnnexp.paths import storage_file
 
     path = storage_file(storage)
     if path is not None and not path.exists():

@@ -1,0 +1,152 @@
+"""The trial and study records: the one reader and writer of what cnnexp keeps in Optuna's attributes.
+
+Optuna stores a trial's extra facts as string-keyed user attributes. Every key cnnexp uses is
+written and read here, through `TrialRecord` (one trial) and `StudyRecord` (the study), like
+keras-tuner's `Trial`; nothing else reads attribute strings. The sweep writes them, the report
+reads `TrialRecord`s, and the benchmarks count what the records say was trained.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import optuna
+
+# Optuna's own keys of a retried trial (RetryHeartbeatStaleTrialCallback) and of an enqueued one.
+_RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
+
+
+@dataclass
+class TrialRecord:
+    """One trial: what it was, what it scored, what it cost, and how it ended."""
+
+    number: int
+    state: str                                  # COMPLETE | PRUNED | FAIL | RUNNING | WAITING
+    params: dict                                # the searched values (a design's `task` included)
+    value: float | None = None                  # the objective
+    curve: dict[int, float] = field(default_factory=dict)  # epoch (from 1) -> objective
+    duration_s: float | None = None
+    seed: int | None = None                     # the seed it trained with (a redraw gets the next unused one)
+    repeat_of: int | None = None                # a repeat of that trial's configuration with another seed
+    round: int = 1                              # a designed study's round of seeds (2, 3, ...: added to settle)
+    trial_key: str | None = None                # names its checkpoint folder
+    overrides: list[str] = field(default_factory=list)
+    command: str = ""                           # the one-line command that reproduces it
+    worker: str = ""
+    mlflow_run_id: str | None = None
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    train_seconds: float | None = None
+    images_per_second: float | None = None
+    epochs_run: int | None = None
+    epochs_trained_here: int | None = None      # a resumed trial trained only the epochs after its checkpoint
+    resumed_from_epoch: int | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
+    train_images: int | None = None             # images one epoch trains on
+    updates: int | None = None                  # optimizer steps over its training
+    eval_images: int | None = None              # images the objective was measured on
+    num_params: int | None = None
+    flops: int | None = None                    # forward FLOPs per image
+    flag: str | None = None                     # diverged or at chance: a failed outcome, kept and reported
+    dataset_note: str | None = None
+    error: str | None = None
+    pruned: str | None = None
+    registered_version: str | None = None
+    checkpoint_error: str | None = None
+    retry_of: int | None = None                 # the lost trial this one resumes (Optuna's retry)
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "COMPLETE"
+
+    @property
+    def images_trained(self) -> int:
+        """Training images this trial went through (epochs x images per epoch), 0 when unknown."""
+        return int((self.train_images or 0) * (self.epochs_run or 0))
+
+    def value_at(self, epoch: int) -> float | None:
+        """The objective after `epoch` (from its learning curve)."""
+        score = self.curve.get(epoch)
+        return score if score is not None and math.isfinite(score) else None
+
+
+USER_KEYS = {f.name for f in fields(TrialRecord)} - {"number", "state", "params", "value", "curve", "duration_s",
+                                                   "retry_of"}
+
+
+def read_trial(frozen: optuna.trial.FrozenTrial) -> TrialRecord:
+    """The record of a trial as Optuna holds it."""
+    attrs = frozen.user_attrs
+    return TrialRecord(
+        number=frozen.number, state=frozen.state.name,
+        params=dict(frozen.params) or dict(frozen.system_attrs.get("fixed_params", {})),
+        value=frozen.value if frozen.state == optuna.trial.TrialState.COMPLETE else None,
+        curve={int(k): float(v) for k, v in frozen.intermediate_values.items()},
+        duration_s=round(frozen.duration.total_seconds(), 1) if frozen.duration else None,
+        retry_of=_RETRY.retried_trial_number(frozen),
+        **{key: attrs[key] for key in USER_KEYS if attrs.get(key) is not None},
+    )
+
+
+def read_trials(study: optuna.Study) -> list[TrialRecord]:
+    return [read_trial(t) for t in study.get_trials(deepcopy=False)]
+
+
+def write(trial: optuna.Trial, **values) -> None:
+    """Set facts of a running trial (keys are `TrialRecord` fields); None clears a fact."""
+    for key, value in values.items():
+        if key not in USER_KEYS:
+            raise KeyError(f"{key!r} is not a TrialRecord field")
+        trial.set_user_attr(key, value)
+
+
+def carried(frozen: optuna.trial.FrozenTrial) -> dict:
+    """What a retry of a lost trial carries over (its key, seed, run, overrides), not its outcome."""
+    drop = {"error", "pruned", "flag", "test_accuracy", "test_loss"}
+    return {k: v for k, v in frozen.user_attrs.items() if k in USER_KEYS and k not in drop}
+
+
+def retry_history(frozen: optuna.trial.FrozenTrial) -> list[int]:
+    """Every earlier attempt of a trial that was retried (Optuna's own record)."""
+    return list(_RETRY.retry_history(frozen))
+
+
+def fixed_params(frozen: optuna.trial.FrozenTrial) -> dict | None:
+    """The values an enqueued trial was given (a designed cell, a repeat), before it asks for them."""
+    return frozen.system_attrs.get("fixed_params")
+
+
+STUDY_KEYS = ("uuid", "metric", "space", "design", "plan", "rounds", "mlflow_parent_run_id", "mlflow_tracking_uri",
+              "mlflow_ui_url", "settled")
+
+
+@dataclass
+class StudyRecord:
+    """A study's own facts: its search space or design, its plan, where its MLflow runs are."""
+
+    name: str
+    direction: str
+    uuid: str | None = None
+    metric: str = "val_accuracy"
+    space: dict | None = None                   # searched key -> its Hydra expression
+    design: dict | None = None                  # a designed study's cells and arms (`Design.describe`)
+    plan: dict | None = None                    # the budget's plan (`budget.Plan`)
+    rounds: list[dict] = field(default_factory=list)  # the sequential rounds of seeds, as they were added
+    settled: dict | None = None                 # the answers' last look: question -> verdict
+    mlflow_parent_run_id: str | None = None
+    mlflow_tracking_uri: str | None = None
+    mlflow_ui_url: str | None = None
+
+
+def read_study(study: optuna.Study) -> StudyRecord:
+    attrs = study.user_attrs
+    return StudyRecord(name=study.study_name, direction=study.direction.name.lower(),
+                       **{key: attrs[key] for key in STUDY_KEYS if attrs.get(key) is not None})
+
+
+def write_study(study: optuna.Study, **values) -> None:
+    for key, value in values.items():
+        if key not in STUDY_KEYS:
+            raise KeyError(f"{key!r} is not a StudyRecord field")
+        study.set_user_attr(key, value)

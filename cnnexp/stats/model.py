@@ -1,0 +1,159 @@
+"""The accuracy model behind every verdict: additive, with seed blocks, and a variance of its own per configuration.
+
+    score = intercept + effect of each searched value (a level, or a slope) [+ seed block] + noise
+
+- **Additive**: every parameter's effect is adjusted for the others (a sampler rarely balances them;
+  in a one-factor-at-a-time design the model is exactly the cells' means).
+- **Seed blocks**: `train.seed` seeds initialisation and data order; a seed used by several
+  configurations enters as a block, so what it shares across them is not counted as noise.
+  A seed used once carries no block information and is left out of the blocks.
+- **A variance per configuration**, shrunk towards the common one (empirical Bayes, as limma
+  moderates gene-wise variances) but never below the configuration's own estimate (then with its
+  own degrees of freedom): one noisy configuration widens only its own comparisons, and a quiet
+  one borrows the others' strength. Contrasts get a sandwich variance from these
+  per-configuration variances, and Welch-Satterthwaite degrees of freedom.
+
+Pure numpy/scipy: fast enough for calibration on thousands of simulated studies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import special
+
+
+@dataclass
+class Term:
+    """One searched parameter's columns in the design matrix."""
+
+    name: str
+    kind: str                  # categorical | linear | log
+    levels: list               # categorical: the values (the first is the reference); continuous: []
+    columns: list[int]         # its columns in X
+
+
+@dataclass
+class Fit:
+    """A fitted model: coefficients, and what each contrast's variance and degrees of freedom are made of."""
+
+    beta: np.ndarray
+    x: np.ndarray               # design matrix (rows: runs)
+    y: np.ndarray
+    xtx_inv: np.ndarray
+    cells: np.ndarray           # per run: its configuration's index
+    cell_var: np.ndarray        # per configuration: the moderated variance
+    cell_df: np.ndarray         # per configuration: its degrees of freedom (own + prior, capped)
+    residual_df: float
+    prior_var: float            # the common variance the cells are shrunk towards
+    prior_df: float             # how strongly (inf: all equal)
+    terms: dict[str, Term]
+    data: pd.DataFrame          # the runs the model was fitted on
+
+    def contrast(self, a: np.ndarray) -> tuple[float, float, float]:
+        """(estimate, standard error, degrees of freedom) of a'beta."""
+        g = self.x @ (self.xtx_inv @ a)                    # each run's weight in the estimate
+        weights = np.bincount(self.cells, weights=g ** 2, minlength=len(self.cell_var))
+        parts = weights * self.cell_var
+        var = float(parts.sum())
+        df = var ** 2 / float(np.sum(parts ** 2 / self.cell_df)) if var > 0 else float("inf")
+        return float(a @ self.beta), math.sqrt(max(var, 0.0)), min(df, self.residual_df)
+
+    @property
+    def sd(self) -> float:
+        """The common noise SD (the prior the configurations are shrunk towards)."""
+        return math.sqrt(self.prior_var)
+
+
+def _terms(data: pd.DataFrame, params: list[str], kinds: dict[str, str]) -> tuple[list[np.ndarray], dict[str, Term]]:
+    columns, terms, index = [np.ones(len(data))], {}, 1
+    for p in params:
+        values = data[p]
+        if kinds.get(p, "categorical") == "categorical":
+            levels = sorted(values.drop_duplicates().tolist(), key=lambda v: (isinstance(v, str), v))
+            codes = pd.Index(levels, dtype=object).get_indexer(values.astype(object))
+            cols = [(codes == i).astype(float) for i in range(1, len(levels))]
+            terms[p] = Term(p, "categorical", levels, list(range(index, index + len(cols))))
+        else:
+            numbers = values.to_numpy(dtype=float)
+            cols = [np.log10(numbers) if kinds[p] == "log" else numbers]
+            terms[p] = Term(p, kinds[p], [], [index])
+        columns += cols
+        index += len(cols)
+    return columns, terms
+
+
+def _blocks(data: pd.DataFrame, cells: np.ndarray, seed_column: str | None) -> list[np.ndarray]:
+    """Dummy columns of the seeds shared by at least two configurations (the first such seed is the reference)."""
+    if seed_column is None or seed_column not in data:
+        return []
+    seeds = data[seed_column].to_numpy()
+    shared = [s for s in pd.unique(seeds) if len(set(cells[seeds == s])) >= 2]
+    return [(seeds == s).astype(float) for s in shared[1:]]
+
+
+def _prior(variances: np.ndarray, dfs: np.ndarray) -> tuple[float, float]:
+    """(s0^2, d0) of the scaled inverse chi-square the cells' variances are drawn from (limma's fitFDist)."""
+    ok = (dfs > 0.5) & (variances > 0)
+    if ok.sum() < 2:
+        pooled = float(np.sum(variances * dfs) / np.sum(dfs)) if dfs.sum() > 0 else float("nan")
+        return pooled, float("inf")
+    d, s2 = dfs[ok], variances[ok]
+    e = np.log(s2) - special.digamma(d / 2) + np.log(d / 2)
+    excess = float(np.var(e, ddof=1) - np.mean(special.polygamma(1, d / 2)))
+    if excess <= 0:
+        d0 = float("inf")
+        s0 = float(np.exp(np.mean(e)))
+    else:
+        d0 = 2 * _trigamma_inverse(excess)
+        s0 = float(np.exp(np.mean(e) + special.digamma(d0 / 2) - np.log(d0 / 2)))
+    pooled = float(np.sum(variances * dfs) / np.sum(dfs))
+    return (pooled if math.isinf(d0) else s0), d0
+
+
+def _trigamma_inverse(value: float) -> float:
+    """x with trigamma(x) = value (Newton's method, as limma's trigammaInverse)."""
+    x = 0.5 + 1 / value
+    for _ in range(50):
+        step = special.polygamma(1, x) * (1 - special.polygamma(1, x) / value) / special.polygamma(2, x)
+        x += step
+        if abs(step) / x < 1e-8:
+            break
+    return float(x)
+
+
+def fit(data: pd.DataFrame, params: list[str], kinds: dict[str, str], metric: str = "objective",
+        seed_column: str | None = "seed") -> Fit | None:
+    """Fit the model to the runs in `data` (one row each); None when it can't be fitted (confounded, too few runs)."""
+    config = data[params].astype(str).agg("|".join, axis=1) if params else pd.Series("", index=data.index)
+    cells = pd.factorize(config)[0]
+    columns, terms = _terms(data, params, kinds)
+    columns += _blocks(data, cells, seed_column)
+    x, y = np.column_stack(columns), data[metric].to_numpy(dtype=float)
+    if np.linalg.matrix_rank(x) < x.shape[1] or len(y) <= x.shape[1]:
+        return None
+    xtx_inv = np.linalg.inv(x.T @ x)
+    beta = xtx_inv @ x.T @ y
+    residual = y - x @ beta
+    leverage = np.einsum("ij,jk,ik->i", x, xtx_inv, x)
+    n_cells = cells.max() + 1
+    dfs = np.bincount(cells, weights=1 - leverage, minlength=n_cells)
+    sums = np.bincount(cells, weights=residual ** 2, minlength=n_cells)
+    variances = np.divide(sums, dfs, out=np.zeros(n_cells), where=dfs > 1e-9)
+    residual_df = float(len(y) - x.shape[1])
+    prior_var, prior_df = _prior(variances, dfs)
+    if not math.isfinite(prior_var) or prior_var <= 0:
+        prior_var = float(residual @ residual / residual_df)
+    moderated = (variances * dfs + (prior_var * prior_df if math.isfinite(prior_df) else 0)) / (
+        dfs + (prior_df if math.isfinite(prior_df) else 0)) if math.isfinite(prior_df) else np.full(n_cells, prior_var)
+    cell_df = np.minimum(dfs + (prior_df if math.isfinite(prior_df) else residual_df), residual_df)
+    # Never below the configuration's own estimate: shrinking a noisy cell's variance down to the others'
+    # would call its noise an effect (measured: 16% false effects with one cell 3x noisier, 3 seeds each).
+    own = variances > moderated
+    moderated, cell_df = np.where(own, variances, moderated), np.where(own, np.maximum(dfs, 1.0), cell_df)
+    return Fit(beta=beta, x=x, y=y, xtx_inv=xtx_inv, cells=cells, cell_var=np.maximum(moderated, 1e-12),
+               cell_df=np.maximum(cell_df, 1.0), residual_df=residual_df, prior_var=prior_var, prior_df=prior_df,
+               terms=terms, data=data)
