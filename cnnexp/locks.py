@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-from pathlib import Path
 import hashlib
+from pathlib import Path
 
 from cnnexp.errors import StorageError
 from cnnexp.paths import storage_file

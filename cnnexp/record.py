@@ -150,3 +150,11 @@ def write_study(study: optuna.Study, **values) -> None:
         if key not in STUDY_KEYS:
             raise KeyError(f"{key!r} is not a StudyRecord field")
         study.set_user_attr(key, value)
+
+
+def enqueue(study: optuna.Study, params: dict, **facts) -> None:
+    """Queue a trial with fixed values (a designed cell, a repeat) and facts (keys are `TrialRecord` fields)."""
+    unknown = set(facts) - USER_KEYS
+    if unknown:
+        raise KeyError(f"{sorted(unknown)} are not TrialRecord fields")
+    study.enqueue_trial(params, user_attrs=facts or None)

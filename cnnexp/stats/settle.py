@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from cnnexp.record import TrialRecord
 from cnnexp.stats.curves import EpochsAnswer, Interval, epochs_answer, mean_interval
 from cnnexp.stats.effects import Answer, answers
 from cnnexp.stats.sequential import Need
@@ -95,3 +96,37 @@ def _factor_pairs(main: pd.DataFrame, answer: Answer, baseline_cell: str | None)
         widest = max(answer.pairs, key=lambda p: max(abs(p[3]), abs(p[4])))
         pairs.add((widest[0], widest[1]))
     return [(cell_of(a), cell_of(b)) for a, b in pairs if cell_of(a) and cell_of(b)]
+
+
+def tables(records: list[TrialRecord], design: dict, up_to_round: int | None = None
+           ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], pd.DataFrame | None]:
+    """The runs of a designed study, as `look` takes them: (main task, measured arms, epochs arm).
+
+    Only complete runs count (of rounds up to `up_to_round`). A run flagged as diverged or at chance
+    level is `failed`. The epochs arm's runs, read at the baseline's epochs, are replicates of the
+    baseline too (a constant learning rate makes epoch e of a longer run a run of e epochs), with
+    seeds of their own.
+    """
+    main, base_epochs = design["main"], int(design.get("base_epochs") or 0)
+    factors, curve_arm = design["vary"], design.get("curve_arm")
+    done = [r for r in records if r.complete and (up_to_round is None or r.round <= up_to_round)]
+    rows, measured, curve = [], {}, []
+    for r in done:
+        task = r.params.get("task")
+        common = {"trial": r.number, "seed": r.seed, "failed": bool(r.flag), "cell": cell_key(r.params),
+                  "test_accuracy": r.test_accuracy, "seconds": r.duration_s}
+        if task == main:
+            rows.append({**{f: r.params.get(f) for f in factors}, **common, "objective": r.value})
+        elif task == curve_arm:
+            curve.append({**common, "curve": r.curve})
+            at_base = r.value_at(base_epochs) if base_epochs else None
+            if at_base is not None:
+                baseline = {f: design["baseline"][f] for f in factors}
+                rows.append({**baseline, **common, "cell": cell_key({"task": main, **baseline}), "objective": at_base,
+                             "from_epochs_arm": True})
+        elif task in design.get("arms", []) and task not in design.get("epoch_arms", {}):
+            measured.setdefault(task, []).append(common)
+    columns = [*factors, "trial", "seed", "failed", "cell", "test_accuracy", "seconds", "objective"]
+    return (pd.DataFrame(rows).reindex(columns=[*columns, "from_epochs_arm"]) if rows else pd.DataFrame(columns=columns),
+            {arm: pd.DataFrame(runs) for arm, runs in measured.items()},
+            pd.DataFrame(curve) if curve_arm else None)

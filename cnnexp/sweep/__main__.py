@@ -1,56 +1,100 @@
-"""The sweep CLI: `python -m cnnexp.sweep --sweep <name> [overrides]`.
+"""The sweep CLI: `python -m cnnexp.sweep --sweep <name> [overrides]`, then the report.
 
     python -m cnnexp.sweep --sweep kernel_size
     python -m cnnexp.sweep --sweep quick 'kernel=choice(2,3,4,5,6,7)' sweep.n_trials=6 train.epochs=1
+
+Exit codes: 0 done, 1 no trial completed, 2 bad input (one line, `error: ...`), 130 interrupted
+(Ctrl-C or SIGTERM: the running trial is queued again, the study and its MLflow runs are saved).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
+from cnnexp import runtime
 from cnnexp.console import say, setup_logging
 from cnnexp.errors import CnnexpError
-from cnnexp.sweep.engine import RecycleProcess, finish, optimize, preflight
-from cnnexp.sweep.space import load_sweep
+from cnnexp.sweep.engine import RecycleProcess, end_parent, optimize, preflight
+from cnnexp.sweep.objective import STOP_REQUESTED, Interrupted
+from cnnexp.sweep.space import Sweep, load_sweep
 from cnnexp.sweep.study import open_study
+
+
+def _on_sigterm(signum, frame):
+    STOP_REQUESTED.set()
+    raise Interrupted(f"signal {signum}")
+
+
+def report(sweep: Sweep, study) -> int:
+    """Write the report and end the parent run; the report is complete or says how to write it again."""
+    from cnnexp.report.write import write_report
+
+    settings = sweep.settings
+    again = (f"python -m cnnexp.report {settings.study_name} --storage {settings.storage} "
+             f"--out {settings.output_dir}")
+    status = None
+    try:
+        say(write_report(study, settings, sweep.answers))
+        code = 0
+    except KeyboardInterrupt:
+        print(f"error: interrupted while writing the report; the study is saved, write it with: {again}", file=sys.stderr)
+        status, code = "KILLED", 130
+    except Exception as err:  # noqa: BLE001 - the study is saved; the report can be rerun on its own
+        print(f"error: the report could not be written ({type(err).__name__}: {str(err).splitlines()[0]}); the study "
+              f"is saved, write it with: {again}", file=sys.stderr)
+        code = 2
+    finally:
+        complete = end_parent(study, status)  # never left RUNNING, whatever the report did
+    if not complete:
+        print(f"error: no trial of study {settings.study_name!r} completed; see the trials' errors in {again}.",
+              file=sys.stderr)
+        return 1
+    return code
+
+
+def _run(args) -> int:
+    sweep = load_sweep(args.sweep, args.overrides)
+    if int(sweep.settings.workers) > 1:
+        from cnnexp.sweep.workers import run_workers
+
+        preflight(sweep)
+        code = run_workers(args.sweep, args.overrides, int(sweep.settings.workers), verbose=args.verbose)
+        if code:
+            return code
+        study = open_study(sweep.settings, sweep.space)
+    else:
+        if sweep.settings.estimate and not sweep.settings.get("budget") and os.environ.get("CNNEXP_WORKER") is None \
+                and not runtime.has_gpu():
+            from cnnexp.sweep.budget import estimate
+
+            say(estimate(sweep.overrides, int(sweep.settings.n_trials), int(sweep.base.train.epochs),
+                         int(sweep.base.dataset.train_limit or 45000)))
+        study = optimize(sweep, recycle_after=int(sweep.settings.recycle_after))
+    return report(sweep, study) if not args.no_report else 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cnnexp.sweep", description="Run an Optuna study from a sweep file.",
-        epilog="Overrides: sweep.<setting>=..., a search space such as 'kernel=choice(2,3,4)', "
-               "or any cnnexp.run override (train.epochs=1).",
-    )
+        prog="python -m cnnexp.sweep", description="Run an Optuna study from a sweep file, then its report.",
+        epilog="Overrides: sweep.<setting>=..., answers.<setting>=..., a search space such as "
+               "'kernel=choice(2,3,4)', or any cnnexp.run override (train.epochs=1).")
     parser.add_argument("--sweep", default="seed_questions", help="a name in sweeps/ or a YAML path")
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own logging and warnings")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    runtime.setup_environment()
     setup_logging(args.verbose)
+    # SIGTERM (scancel, Kubernetes) is Ctrl-C from the first trial to the last line of the report.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        sweep = load_sweep(args.sweep, args.overrides)
-        if int(sweep.settings.workers) > 1:
-            from cnnexp.sweep.workers import run_workers
-
-            preflight(sweep)
-            code = run_workers(args.sweep, args.overrides, int(sweep.settings.workers), verbose=args.verbose)
-            if code:
-                return code
-            study = open_study(sweep.settings, sweep.space)
-            return finish(sweep, study, report=not args.no_report)
-        # With a budget the plan says what it will cost; the estimate is for studies without one.
-        if sweep.settings.estimate and not sweep.settings.get("budget") and os.environ.get("CNNEXP_WORKER") is None:
-            from cnnexp.sweep.estimate import estimate
-
-            message = estimate(sweep)
-            if message:
-                say(message)
-        study = optimize(sweep, recycle_after=int(sweep.settings.recycle_after))
+        return _run(args)
     except RecycleProcess:
         # Same command, same process id (Slurm, Kubernetes and sweep.workers keep tracking it).
-        say(f"Restarting this worker after {sweep.settings.recycle_after} trials to free memory.")
+        say("Restarting this worker to give TensorFlow's memory back (sweep.recycle_after).")
         os.environ.setdefault("CNNEXP_WORKER", "0")  # the restarted process skips the estimate
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "cnnexp.sweep", *sys.argv[1:]])
@@ -59,7 +103,6 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    return finish(sweep, study, report=not args.no_report)
 
 
 if __name__ == "__main__":

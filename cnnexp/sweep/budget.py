@@ -1,115 +1,150 @@
-"""A compute budget for a study: choose the training-set size that fits, and say so before starting.
+"""What a study costs, and how much data and how many seeds fit a compute budget.
 
-`sweep.budget=45m` (or `2h`, `900s`, a number of seconds) makes the study time a few training steps
-of every distinct configuration it will train, predict each trial's seconds, and pick the largest
-`dataset.train_limit` (up to what the sweep asks for, or the whole training split) whose predicted
-total fits the budget. The plan is printed before the first trial, stored on the study (so that
-every worker and every resumed run trains on the same data), and repeated in the report. Nothing
-is ever shrunk silently: without a budget the sweep trains what it was told to.
+One timer for everything that predicts seconds (the plan, the estimate, the benchmarks): a short
+run of a configuration through the trials' own training path (`cnnexp.run.run`, tracking off,
+the study's evaluation set), split into a cost model
+
+    seconds of a trial = fixed + epochs x (train images x per_image + per_epoch)
+
+(`fixed`: building, compiling, the first epoch's tracing and the test split; `per_epoch`: the
+validation on the evaluation set). With `sweep.budget=45m` a study times each configuration it
+will train, picks the largest `dataset.train_limit` whose first round fits its share of the budget,
+and keeps the rest for the seeds that settle the answers (`cnnexp.sweep.rounds`). The plan is
+printed before the first trial and stored on the study, so that every worker and every resumed
+run trains on the same data: `dataset.train_limit` never changes during a study, surplus time buys
+seeds. Predictions are recalibrated from the trials that finished (`calibration`).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
 
 from cnnexp import runtime
 from cnnexp.config import compose_config
 from cnnexp.errors import ConfigError
+from cnnexp.record import TrialRecord
 
-# What a trial costs beyond its training steps (validation each epoch, the test split, model
-# building and logging), as a share of the training time, and a floor per trial in seconds:
-# measured on the quick study (2-core CPU, quarter width): ~25% and ~3 s.
-OVERHEAD_SHARE, OVERHEAD_SECONDS = 0.25, 3.0
-MIN_TRAIN = 2000  # below this the comparisons are too noisy to be worth the time
+MIN_TRAIN = 1000          # fewer training images than this answer nothing worth the time
+TIMING_IMAGES = 1500      # images a timing run trains on, for 2 epochs
+TRACKING_SECONDS = 2.0    # what MLflow adds to a trial (child run, params, metrics), measured here
 
 
-def parse_budget(value) -> float | None:
-    """'45m' -> 2700.0 seconds; None stays None."""
-    if value in (None, "", "null"):
-        return None
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(value))
-    if not match:
-        raise ConfigError(f"sweep.budget={value!r} must be a duration such as 45m, 2h or 900s.")
-    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+@dataclass
+class Timing:
+    """One configuration's cost model (seconds)."""
+
+    fixed: float
+    per_image: float
+    per_epoch: float
+
+    def predict(self, images: int, epochs: int) -> float:
+        return self.fixed + epochs * (images * self.per_image + self.per_epoch)
+
+
+def time_config(overrides: list[str], datasets=None) -> Timing:
+    """Time one configuration: 2 short epochs through `run`, with the study's evaluation set."""
+    from cnnexp.run import prepare, run
+
+    cfg = compose_config([*overrides, f"dataset.train_limit={TIMING_IMAGES}", "train.epochs=2", "tracking=off",
+                          "train.verbose=0"])
+    prepare(cfg, validated=True, datasets=datasets)  # decoding is not a trial's cost: it happens once
+    began = time.perf_counter()
+    result = run(cfg, validated=True, datasets=datasets)
+    wall = time.perf_counter() - began
+    seconds, validation = result.history["epoch_seconds"], result.history.get("val_seconds", [0.0, 0.0])
+    steady = seconds[-1]
+    per_image = max(steady - validation[-1], 1e-6) / max(result.train_images, 1)
+    return Timing(fixed=max(wall - sum(seconds), 0.0) + (seconds[0] - steady) + TRACKING_SECONDS,
+                  per_image=per_image, per_epoch=validation[-1])
+
+
+@dataclass
+class Planned:
+    """One configuration of a plan: its overrides, runs in the first round, epochs, and images (None: ours to pick)."""
+
+    cell: str
+    overrides: list[str]
+    runs: int
+    epochs: int
+    images: int | None = None
+    timing: dict = field(default_factory=dict)
 
 
 @dataclass
 class Plan:
     budget_s: float
-    train_limit: int            # training images per main-task trial (validation is held out of these)
-    full_train: int             # what the sweep would train on without a budget
-    epochs: int
+    train_limit: int              # training images per main-task trial
+    full_train: int               # what the sweep would train on without a budget
+    first_round_s: float          # predicted seconds of the first round
     trials: int
-    predicted_s: float
     device: str
+    share: float                  # of the budget the first round may use; the rest buys seeds
+    cells: list[dict] = field(default_factory=list)  # the `Planned` cells, with their timing
 
     def text(self) -> str:
         shrunk = (f"{self.train_limit:,} of the {self.full_train:,} training images" if self.train_limit < self.full_train
                   else f"all {self.full_train:,} training images")
-        return (f"Plan for sweep.budget={self.budget_s / 60:.0f} min on {self.device}: {self.trials} trials x "
-                f"{self.epochs} epochs on {shrunk} (dataset.train_limit={self.train_limit}); predicted "
-                f"{self.predicted_s / 60:.0f} min. A larger budget or a GPU trains on more data."
-                + (" The prediction exceeds the budget: lower sweep.n_trials or train.epochs."
-                   if self.predicted_s > self.budget_s * 1.05 else ""))
+        later = self.budget_s - self.first_round_s
+        return (f"Plan for sweep.budget={self.budget_s / 60:.0f} min on {self.device}: a first round of {self.trials} "
+                f"trials on {shrunk} (dataset.train_limit={self.train_limit}), predicted {self.first_round_s / 60:.1f} "
+                f"min; the other {max(later, 0) / 60:.1f} min add seeds where the answers are not settled yet.")
+
+    def predict(self, cell: str, calibration: float = 1.0) -> float:
+        """Seconds of one more trial of `cell`."""
+        for planned in self.cells:
+            if planned["cell"] == cell:
+                images = planned["images"] or self.train_limit
+                return calibration * Timing(**planned["timing"]).predict(images, planned["epochs"])
+        raise KeyError(cell)
 
 
-def seconds_per_image(overrides: list[str]) -> float:
-    """Seconds per training image of one configuration: the second of two short `fit` epochs.
+def _total(cells: list[Planned], timings: dict[str, Timing], images: int) -> float:
+    return sum(c.runs * timings[c.cell].predict(c.images or images, c.epochs) for c in cells)
 
-    The first epoch includes tracing and compiling; single `train_on_batch` calls carry a
-    per-call overhead that `fit` doesn't have (measured: they read 2x slower), so neither is used.
+
+def plan(cells: list[Planned], budget_s: float, full_train: int, share: float, datasets=None,
+         timings: dict[str, Timing] | None = None) -> Plan:
+    """The largest training-set size whose first round fits `share` of the budget.
+
+    Raises:
+        ConfigError: even the smallest training set does not fit; the message gives the budget that would.
     """
-    from cnnexp.model.build import build_model
-    from cnnexp.run import prepare
-    from cnnexp.train.callbacks import epoch_timer
-    from cnnexp.train.recipe import make_optimizer
-
-    # A small subset is enough to time an epoch, and decodes in a second.
-    cfg = compose_config([*overrides, "dataset.train_limit=2500", "dataset.test_limit=200", "tracking=off"])
-    layers, dataset = prepare(cfg, validated=True)
-    keras = runtime.keras()
-    keras.backend.clear_session()
-    model = build_model(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding)
-    model.compile(optimizer=make_optimizer(cfg.train, 1000), loss="sparse_categorical_crossentropy")
-    batch = int(cfg.train.batch_size)
-    n = min(len(dataset.y_train), max(512, 8 * batch)) // batch * batch
-    timer = epoch_timer()
-    model.fit(dataset.x_train[:n], dataset.y_train[:n], batch_size=batch, epochs=2, verbose=0, callbacks=[timer])
-    keras.backend.clear_session()
-    return timer.seconds[-1] / n
+    timings = timings or {c.cell: time_config(c.overrides, datasets) for c in cells}
+    smallest = min(MIN_TRAIN, full_train)
+    needed = _total(cells, timings, smallest) / share
+    if needed > budget_s:
+        runs = sum(c.runs for c in cells)
+        raise ConfigError(f"sweep.budget={budget_s / 60:g} min can't fit this study: its first round ({runs} trials, "
+                          f"{smallest:,} training images each) needs about {needed / 60:.1f} min with the seeds that "
+                          f"follow; give sweep.budget={int(needed / 60) + 1}m or more, or fewer cells or seeds.")
+    images = full_train
+    while images > smallest and _total(cells, timings, images) > share * budget_s:
+        images = max(smallest, int(images * 0.92) // 100 * 100)
+    for c in cells:
+        c.timing = asdict(timings[c.cell])
+    return Plan(budget_s=budget_s, train_limit=images, full_train=full_train,
+                first_round_s=_total(cells, timings, images), trials=sum(c.runs for c in cells),
+                device=runtime.device_description(), share=share, cells=[asdict(c) for c in cells])
 
 
-def plan(trial_overrides: list[list[str]], main: list[bool], budget_s: float, full_train: int, epochs: int,
-         fixed_train: dict[int, int], images_per_epoch: int | None = None) -> Plan:
-    """The largest training-set size for the main-task trials whose predicted total fits `budget_s`.
+def calibration(plan: Plan, records: list[TrialRecord], cell_of) -> float:
+    """Actual over predicted seconds of the trials that completed (1.0 before any): the planner's correction."""
+    actual = predicted = 0.0
+    for facts in records:
+        if facts.complete and facts.duration_s and facts.retry_of is None and facts.resumed_from_epoch is None:
+            try:
+                predicted += plan.predict(cell_of(facts))
+            except KeyError:
+                continue
+            actual += facts.duration_s
+    return actual / predicted if predicted else 1.0
 
-    Args:
-        trial_overrides: the overrides of every trial to run (one entry per trial, seeds included).
-        main: per trial, whether its data size is ours to choose (False: an arm with its own data).
-        full_train: the main task's training images without a budget.
-        fixed_train: per arm trial index, its training images.
-    """
-    timed: dict[tuple, float] = {}
-    per_image = []
-    for overrides in trial_overrides:
-        key = tuple(overrides)
-        if key not in timed:
-            timed[key] = seconds_per_image(overrides)
-        per_image.append(timed[key])
 
-    def predicted(n: int) -> float:
-        total = 0.0
-        for i, seconds in enumerate(per_image):
-            # dataset.train_limit includes the validation split (train.val_fraction, 10%)
-            per_epoch = images_per_epoch or 0.9 * n  # an epoch may be a fixed chunk of a stream
-            images = (per_epoch if main[i] else fixed_train.get(i, n)) * epochs
-            total += images * seconds * (1 + OVERHEAD_SHARE) + OVERHEAD_SECONDS
-        return total
-
-    n = full_train
-    while n > MIN_TRAIN and predicted(n) > budget_s and not images_per_epoch:
-        n = max(MIN_TRAIN, int(n * 0.9) // 500 * 500)
-    return Plan(budget_s=budget_s, train_limit=n, full_train=full_train, epochs=epochs, trials=len(per_image),
-                predicted_s=predicted(n), device=runtime.device_description())
-
+def estimate(overrides: list[str], trials: int, epochs: int, train_images: int, datasets=None) -> str:
+    """Before a long sweep without a budget: what it will cost, from one timed configuration (no GPU only)."""
+    timing = time_config(overrides, datasets)
+    minutes = trials * timing.predict(train_images, epochs) / 60
+    return (f"No GPU found ({runtime.device_description()}): up to {trials} trials x {epochs} epochs x {train_images:,} "
+            f"training images, at ~{1 / timing.per_image:.0f} images/s of the base configuration: roughly "
+            f"{minutes:.0f} min (pruning and other configurations change this; sweep.budget plans instead).")

@@ -51,9 +51,11 @@ class Design:
     epochs: list[int] = field(default_factory=list)  # multiples of train.epochs the baseline is trained for
     epoch_arms: dict[str, int] = field(default_factory=dict)  # arm -> its epochs (set by `add_epoch_arms`)
     curve_arm: str | None = None                   # the one epoch arm whose curve answers every multiple
+    base_epochs: int = 0                           # train.epochs of the main task's cells
 
     def add_epoch_arms(self, base_epochs: int, constant_schedule: bool, plus: set[str]) -> None:
         """The arms that train the baseline longer; `plus`: the baseline keys that need '+' (shortcuts)."""
+        self.base_epochs = base_epochs
         multiples = sorted(m for m in self.epochs if m > 1)
         if not multiples:
             return
@@ -103,7 +105,8 @@ class Design:
     def describe(self) -> dict:
         """What the report needs to know about the design (stored on the study)."""
         return {"main": self.main, "baseline": self.baseline, "vary": self.vary, "arms": list(self.arms),
-                "seeds": self.seeds, "epoch_arms": self.epoch_arms, "curve_arm": self.curve_arm}
+                "seeds": self.seeds, "epoch_arms": self.epoch_arms, "curve_arm": self.curve_arm,
+                "base_epochs": self.base_epochs}
 
 
 def load_design(node: DictConfig | None) -> Design | None:

@@ -22,20 +22,29 @@ DIVERGED_LOSS = 1e4
 
 
 def epoch_timer():
-    """A callback timing each epoch; throughput skips the first epoch, which includes compilation."""
+    """A callback timing each epoch and its validation; throughput skips the first epoch, which includes compilation."""
 
     class EpochTimer(keras().callbacks.Callback):
         def __init__(self):
             super().__init__()
             self.seconds: list[float] = []
+            self.validation: list[float] = []
 
         def on_epoch_begin(self, epoch, logs=None):
-            self._began = time.perf_counter()
+            self._began, self._validated = time.perf_counter(), 0.0
+
+        def on_test_begin(self, logs=None):  # the validation inside `fit`
+            self._test_began = time.perf_counter()
+
+        def on_test_end(self, logs=None):
+            self._validated += time.perf_counter() - self._test_began
 
         def on_epoch_end(self, epoch, logs=None):
             self.seconds.append(time.perf_counter() - self._began)
+            self.validation.append(self._validated)
             if logs is not None:  # seen by the callbacks after this one, the checkpoint's logs and the history
                 logs["epoch_seconds"] = self.seconds[-1]
+                logs["val_seconds"] = self.validation[-1]
 
         def images_per_second(self, n_images: int) -> float:
             steady = self.seconds[1:] or self.seconds
