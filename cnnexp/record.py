@@ -46,6 +46,9 @@ class TrialRecord:
     train_images: int | None = None             # images one epoch trains on
     updates: int | None = None                  # optimizer steps over its training
     eval_images: int | None = None              # images the objective was measured on
+    test_images: int | None = None              # images the test score was measured on
+    num_classes: int | None = None
+    predicted_s: float | None = None            # what the budget's planner predicted this trial would take
     num_params: int | None = None
     flops: int | None = None                    # forward FLOPs per image
     flag: str | None = None                     # diverged or at chance: a failed outcome, kept and reported
@@ -117,8 +120,8 @@ def fixed_params(frozen: optuna.trial.FrozenTrial) -> dict | None:
     return frozen.system_attrs.get("fixed_params")
 
 
-STUDY_KEYS = ("uuid", "metric", "space", "design", "plan", "rounds", "mlflow_parent_run_id", "mlflow_tracking_uri",
-              "mlflow_ui_url", "settled")
+STUDY_KEYS = ("uuid", "metric", "space", "design", "plan", "rounds", "answers", "mlflow_parent_run_id",
+              "mlflow_tracking_uri", "mlflow_ui_url")
 
 
 @dataclass
@@ -133,7 +136,7 @@ class StudyRecord:
     design: dict | None = None                  # a designed study's cells and arms (`Design.describe`)
     plan: dict | None = None                    # the budget's plan (`budget.Plan`)
     rounds: list[dict] = field(default_factory=list)  # the sequential rounds of seeds, as they were added
-    settled: dict | None = None                 # the answers' last look: question -> verdict
+    answers: dict | None = None                 # what settles an answer (answers.precision, alpha, looks)
     mlflow_parent_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
     mlflow_ui_url: str | None = None
@@ -158,3 +161,12 @@ def enqueue(study: optuna.Study, params: dict, **facts) -> None:
     if unknown:
         raise KeyError(f"{sorted(unknown)} are not TrialRecord fields")
     study.enqueue_trial(params, user_attrs=facts or None)
+
+
+def best_trial(study: optuna.Study, main_task: str | None = None) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial (of a design's main task: an arm scores another task); None when none completed."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if main_task is None or t.params.get("task") == main_task]
+    if not done:
+        return None
+    return (max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min)(done, key=lambda t: t.value)

@@ -49,6 +49,8 @@ class RunResult:
     dataset_note: str = ""
     checkpoint_error: str | None = None
     eval_images: int = 0                # images the validation metrics are measured on
+    test_images: int = 0
+    num_classes: int = 0
     model: object = field(default=None, repr=False)      # the trained Keras model
     example: object = field(default=None, repr=False)    # a few test inputs, for a model signature
 
@@ -186,7 +188,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
                      train_images=result.train_images, updates=result.updates,
                      resumed_from_epoch=result.resumed_from_epoch, warnings=result.warnings,
                      dataset_note=dataset.note, checkpoint_error=result.checkpoint_error,
-                     eval_images=len(dataset.y_val), model=net,
+                     eval_images=len(dataset.y_val), test_images=len(dataset.y_test),
+                     num_classes=dataset.num_classes, model=net,
                      example=dataset.x_test[:4])
 
 

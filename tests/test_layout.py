@@ -53,6 +53,8 @@ def test_no_import_cycles_counting_sub_packages_and_imports_inside_functions():
 
     stages = {}
     for name, targets in graph.items():
+        if name.endswith("__main__"):  # entry points sit on top of every stage
+            continue
         stages.setdefault(package(name), set()).update(package(t) for t in targets if package(t) != package(name))
 
     def cycle(g, start):

@@ -11,10 +11,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from cnnexp.report.stats import COLUMNS, VERDICTS, compare_two, effects, epoch_curve, replicate_noise, simulate_study
 from scipy import stats as sps
 from statsmodels.stats.multicomp import pairwise_tukeyhsd
-
-from cnnexp.report.stats import COLUMNS, VERDICTS, compare_two, effects, epoch_curve, replicate_noise, simulate_study
 
 SIGMA = 0.02
 STUDIES = 300  # per calibration case: the SE of a 5% rate is then 1.3 points

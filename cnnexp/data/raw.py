@@ -113,12 +113,20 @@ def subset_indices(y_train: np.ndarray, y_test: np.ndarray, dataset_cfg) -> Rows
     """The rows `dataset.train_limit`/`eval_limit`/`test_limit` pick: one rng from `dataset.subset_seed`.
 
     Train rows are drawn first, then test rows, then the evaluation rows from the training images
-    left over, so adding an evaluation set never changes the training subset.
+    left over, so adding an evaluation set never changes the training subset. Without a train
+    limit, the evaluation set is drawn first and everything it leaves trains.
     """
     rng = np.random.default_rng(int(dataset_cfg.subset_seed))
+    eval_limit = dataset_cfg.get("eval_limit")
+    if dataset_cfg.train_limit is None and eval_limit is not None:
+        # Everything the evaluation set leaves trains: draw the evaluation set first.
+        eval_idx = _limit(y_train, eval_limit, np.random.default_rng(int(dataset_cfg.subset_seed) + 1),
+                          "dataset.eval_limit")
+        left = np.setdiff1d(np.arange(len(y_train)), eval_idx)
+        return Rows(left[rng.permutation(len(left))], eval_idx, _limit(y_test, dataset_cfg.test_limit, rng,
+                                                                       "dataset.test_limit"))
     train_idx = _limit(y_train, dataset_cfg.train_limit, rng, "dataset.train_limit")
     test_idx = _limit(y_test, dataset_cfg.test_limit, rng, "dataset.test_limit")
-    eval_limit = dataset_cfg.get("eval_limit")
     eval_idx = np.array([], int)
     if eval_limit is not None:
         left = np.setdiff1d(np.arange(len(y_train)), train_idx)

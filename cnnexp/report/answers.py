@@ -1,9 +1,8 @@
-"""The notebook's questions answered in plain words, from the effects and the trials' cost.
+"""The notebook's questions answered in plain words, from an `Analysis`: the last step turns numbers into words.
 
-One short paragraph per question that the study can answer: 2.i kernel size (and whether even
-kernels work), 2.ii filters, 3.i batch size, 3.ii epochs, 4 the MNIST CNN. Every answer gives the
-estimate with its 95% confidence interval, or says that there is not enough data and what would
-settle it, and the cost (parameters, FLOPs per image, training seconds) beside the accuracy.
+Every answer states what it compares at (equal epochs, updates or seconds) and in which regime, its
+estimate with a CI that holds at the error rate it says, the n its contrast uses, its cost from
+the configurations it compares (never mixing in another factor), and, unsettled, what would settle it.
 """
 
 from __future__ import annotations
@@ -11,121 +10,197 @@ from __future__ import annotations
 import math
 import re
 
-import pandas as pd
+from cnnexp.report.analysis import Analysis, Cost
+from cnnexp.stats.curves import Interval
+from cnnexp.stats.effects import Answer, critical
 
-QUESTIONS = [  # (question, how to recognise its parameter)
+QUESTIONS = [  # (label, how to recognise its parameter)
     ("2.i Kernel size", re.compile(r"^(kernel|model\.layers\.\d+\.kernel)$")),
     ("2.ii Filters", re.compile(r"^(width|filters|model\.layers\.\d+\.filters)$")),
     ("3.i Batch size", re.compile(r"^train\.batch_size$")),
     ("3.ii Epochs", re.compile(r"^train\.epochs$")),
-    ("4 MNIST CNN vs CIFAR-10 model", re.compile(r"^(dataset|task)$")),
 ]
 
 
-def points(value: float) -> str:
-    return f"{100 * value:+.1f}" if math.isfinite(value) else "?"
+def pts(value: float, sign: bool = True) -> str:
+    if value is None or not math.isfinite(value):
+        return "?"
+    return f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
 
 
-def level_means(text) -> dict[str, tuple[float, int]]:
-    """Parse stats' `levels` text ("3: 0.512 (n=4), 5: 0.530 (n=4)") into {level: (mean, n)}."""
-    out = {}
-    for level, mean, n in re.findall(r"([^,:]+):\s*(-?[\d.]+(?:e-?\d+)?)\s*\(n=(\d+)\)", str(text or "")):
-        out[level.strip()] = (float(mean), int(n))
-    return out
+def label(parameter: str) -> str:
+    return next((name for name, pattern in QUESTIONS if pattern.match(parameter)), parameter)
 
 
-def cost_per_level(frame: pd.DataFrame, param: str) -> pd.DataFrame:
-    """Median parameters, FLOPs per image and training seconds of the complete trials at each level."""
-    done = frame[frame["state"] == "COMPLETE"]
-    columns = [c for c in ("n_params", "flops", "train_s") if c in done]
-    if done.empty or param not in done or not columns:
-        return pd.DataFrame()
-    cost = done.groupby(done[param].astype(str))[columns].median()
-    return cost
+def _value(parameter: str, value) -> str:
+    return f"{parameter}={value}"
 
 
-def cost_phrase(cost: pd.DataFrame, best: str, worst: str) -> str:
-    if cost.empty or best not in cost.index or worst not in cost.index:
+def _cost_phrase(analysis: Analysis, answer: Answer) -> str:
+    """Cost of the best against the worst value, from their own cells (a design) or the model's runs."""
+    def cell_cost(value) -> Cost | None:
+        design = analysis.design
+        if not design:
+            return None
+        cell = {"task": design["main"], **{k: design["baseline"][k] for k in design["vary"]}, answer.parameter: value}
+        from cnnexp.stats.settle import cell_key
+
+        return analysis.costs.get(cell_key(cell))
+
+    best, worst = cell_cost(answer.best), cell_cost(answer.worst)
+    if best is None or worst is None:
         return ""
     parts = []
-    if "flops" in cost and cost.loc[worst, "flops"]:
-        parts.append(f"{cost.loc[best, 'flops'] / cost.loc[worst, 'flops']:.1f}x the FLOPs per image "
-                     f"({cost.loc[best, 'flops'] / 1e6:.0f} vs {cost.loc[worst, 'flops'] / 1e6:.0f} MFLOPs)")
-    if "n_params" in cost and cost.loc[worst, "n_params"]:
-        parts.append(f"{cost.loc[best, 'n_params'] / cost.loc[worst, 'n_params']:.1f}x the parameters")
-    if "train_s" in cost and cost.loc[worst, "train_s"]:
-        parts.append(f"{cost.loc[best, 'train_s'] / cost.loc[worst, 'train_s']:.1f}x the training time")
-    return f" Cost of {best} against {worst}: " + ", ".join(parts) + "." if parts else ""
+    if best.flops and worst.flops and math.isfinite(best.flops):
+        parts.append(f"{best.flops / worst.flops:.1f}x the FLOPs per image ({best.flops / 1e6:.0f} vs "
+                     f"{worst.flops / 1e6:.0f} MFLOPs)")
+    if best.params and worst.params and math.isfinite(best.params):
+        parts.append(f"{best.params / worst.params:.1f}x the parameters")
+    if best.seconds and worst.seconds and math.isfinite(best.seconds):
+        parts.append(f"{best.seconds / worst.seconds:.1f}x the training time ({best.seconds:.0f} vs {worst.seconds:.0f} s)")
+    return f" Cost of {answer.best} against {answer.worst}: " + ", ".join(parts) + "." if parts else ""
 
 
-def answer(question: str, row: dict, frame: pd.DataFrame) -> str:
-    param, verdict = row["parameter"], row["verdict"]
-    estimate, low, high = (float(row.get(k)) if row.get(k) is not None else float("nan")
-                           for k in ("estimate", "ci_low", "ci_high"))
-    means = level_means(row.get("levels"))
-    ci = f"95% CI {points(low)} to {points(high)} points" if math.isfinite(low) else "no CI yet"
-    if verdict == "insufficient_data":
-        return f"**{question}** (`{param}`): not enough data to say. {row.get('needed') or ''}".strip()
-    if param == "train.epochs" and "gain_last_epoch" in row:
-        gain, (glow, ghigh) = row["gain_last_epoch"], row.get("gain_last_ci", (float("nan"), float("nan")))
-        more = ("the last epoch still added " if glow > 0 else "the last epoch added ") + \
-            f"{points(gain)} points (95% CI {points(glow)} to {points(ghigh)})"
-        head = "more epochs help" if verdict == "effect" else "no gain from more epochs detected"
-        return (f"**{question}**: {head}: validation accuracy after the last epoch is {points(estimate)} points "
-                f"above epoch 1 ({ci}); {more}. Best epoch: {row.get('best_value')}.")
-    if param == "task":
-        arm, main = list(means)[:2] if len(means) >= 2 else ("the arm", "the baseline")
-        text = (f"**{question}**: {arm} reaches {100 * means[arm][0]:.1f}% test accuracy (n={means[arm][1]}), "
-                f"the {main} baseline {100 * means[main][0]:.1f}% (n={means[main][1]}): a difference of "
-                f"{points(estimate)} points ({ci}).")
-        return text + cost_phrase(cost_per_level(frame, param), arm, main)
-    if not means:  # continuous parameter: a slope
-        direction = "higher" if estimate > 0 else "lower"
-        word = "raises" if verdict == "effect" else "shows no detectable effect on"
-        return (f"**{question}** (`{param}`): {word} the score ({points(estimate)} points per unit, {ci}); "
-                f"best at {row.get('best_value')} ({direction} is better)." if verdict == "effect" else
-                f"**{question}** (`{param}`): no effect detected ({points(estimate)} points per unit, {ci}).")
-    ordered = sorted(means.items(), key=lambda kv: kv[1][0], reverse=True)
-    (best, (best_mean, _)), (worst, (worst_mean, _)) = ordered[0], ordered[-1]
-    cost = cost_per_level(frame, param)
-    if verdict == "effect":
-        text = (f"**{question}** (`{param}`): {best} scores {points(best_mean - worst_mean)} points more than {worst} "
-                f"({ci}, after comparing all {len(means)} values).")
-    else:
-        text = (f"**{question}** (`{param}`): no effect detected: best minus worst is {points(estimate)} points "
-                f"({ci}).")
-        detectable = re.search(r"power: (-?[\d.]+)", str(row.get("needed") or ""))
-        if detectable:
-            text += (f" With this many runs only an effect larger than about {100 * float(detectable[1]):.1f} points "
-                     "would be detected reliably (80% power); more seeds would settle smaller ones.")
-    if question.startswith("2.i"):
-        even = [level for level in means if level.lstrip("-").isdigit() and int(level) % 2 == 0]
-        if even:
-            margin = (high - low) / 2 if math.isfinite(low) else float("nan")
-            fine = [lv for lv in even if best_mean - means[lv][0] <= margin]
-            text += (f" Even kernels train fine ({', '.join(even)}: within noise of the best)." if len(fine) == len(even)
-                     else f" Even kernels train: {', '.join(f'{lv} scores {100 * means[lv][0]:.1f}%' for lv in even)}.")
-    return text + cost_phrase(cost, best, worst)
+def to_settle(answer: Answer, precision: float, seconds_per_run: float) -> str:
+    """How many more runs (and minutes) would make the CI exclude 0 or lie within +-precision, at this noise."""
+    if answer.verdict == "insufficient_data":
+        return f"{answer.runs_needed} more run(s) would make it answerable ({answer.why})"
+    half = (answer.ci_high - answer.ci_low) / 2
+    if not half > 0:
+        return ""
+    target = max(abs(answer.estimate), precision - abs(answer.estimate))  # the easier of the two ways to settle
+    runs = sum(level.n for level in answer.levels)
+    factor = (half / max(target, 1e-9)) ** 2
+    more = max(1, math.ceil(runs * (factor - 1)))
+    minutes = more * seconds_per_run / 60 if math.isfinite(seconds_per_run) else float("nan")
+    return f"about {more} more runs ({minutes:.0f} min) at this noise would settle it"
 
 
-def answers(study, frame: pd.DataFrame, effects: pd.DataFrame, facts: dict, metric: str) -> list[str]:
-    """The answers section of summary.md: one paragraph per question this study can answer."""
-    lines = [f"## Answers ({metric}, in accuracy points; 95% confidence intervals)", ""]
-    rows = effects.to_dict("records")
-    if "epochs_row" in facts:
-        rows = [r for r in rows if r["parameter"] != "train.epochs"] + [facts["epochs_row"]]
-    found = False
-    for question, pattern in QUESTIONS:
-        for row in rows:
-            if pattern.match(str(row["parameter"])):
-                lines += [answer(question, row, frame), ""]
-                found = True
-    for row in rows:  # anything else the user searched
-        if not any(p.match(str(row["parameter"])) for _, p in QUESTIONS):
-            lines += [answer(str(row["parameter"]), row, frame), ""]
-            found = True
-    if not found:
-        lines.append("No parameter was searched.")
-    for note in facts.get("notes", []):
-        lines += [f"Note: {note}.", ""]
+def factor_answer(analysis: Analysis, parameter: str, answer: Answer) -> str:
+    n = ", ".join(f"{lv.value}: {pts(lv.adjusted, False)}% (n={lv.n}{f', {lv.failed} failed' if lv.failed else ''})"
+                  for lv in answer.levels)
+    ci = "95% simultaneous CI" if abs(answer.alpha - 0.05) < 1e-9 else f"simultaneous CI at error rate {answer.alpha:.3f}"
+    head = f"**{label(parameter)}** (`{parameter}`"
+    head += f", {len(answer.levels)} values, compared at equal epochs)" if answer.kind == "categorical" else ", a slope)"
+    if answer.verdict == "insufficient_data":
+        return f"{head}: not enough data to say: {answer.why}."
+    if answer.kind != "categorical":
+        unit = "per decade" if answer.kind == "log" else "per unit"
+        text = (f"{head}: {answer.verdict.replace('_', ' ')}: {pts(answer.estimate)} points {unit} "
+                f"({ci} {pts(answer.ci_low)} to {pts(answer.ci_high)}); over the searched range at most "
+                f"{pts(answer.bound, False)} points.")
+        return text
+    words = {
+        "effect": f"{answer.best} scores higher than {answer.worst}: best minus worst {pts(answer.estimate)} points "
+                  f"({ci} {pts(answer.ci_low)} to {pts(answer.ci_high)})",
+        "equivalent": f"equivalent within +-{pts(analysis.precision, False)} points: no two values differ by more than "
+                      f"{pts(answer.bound, False)} points ({ci})",
+        "not_detected": f"not settled: best ({answer.best}) minus worst ({answer.worst}) is {pts(answer.estimate)} "
+                        f"points ({ci} {pts(answer.ci_low)} to {pts(answer.ci_high)}). No value is more than "
+                        f"{pts(answer.bound, False)} points better than another (absence of evidence, not evidence of "
+                        f"absence); a difference of {pts(answer.mde, False)} points would be detected with 80% power",
+    }[answer.verdict]
+    text = f"{head}: {words}. Adjusted means (model-based, not scores of single runs): {n}."
+    if parameter == "kernel":
+        text += _even_kernels(answer)
+    if parameter == "train.batch_size":
+        text += _batch_explained(analysis, answer)
+    return text + _cost_phrase(analysis, answer)
+
+
+def _even_kernels(answer: Answer) -> str:
+    even = [lv for lv in answer.levels if isinstance(lv.value, int) and lv.value % 2 == 0]
+    if not even:
+        return ""
+    below = []
+    for lv in even:
+        pair = next((p for p in answer.pairs if {p[0], p[1]} == {lv.value, answer.best}), None)
+        if pair is not None:
+            low, high = (pair[3], pair[4]) if pair[0] == answer.best else (-pair[4], -pair[3])
+            if low > 0:
+                below.append(f"{lv.value} (at least {pts(low, False)} points below {answer.best})")
+    return (" Even kernels train (same padding pads them asymmetrically): "
+            + ("; ".join(below) + " score clearly below the best." if below else
+               f"none of {', '.join(str(lv.value) for lv in even)} is shown worse than the best."))
+
+
+def _batch_explained(analysis: Analysis, answer: Answer) -> str:
+    rows = [a for a in analysis.batch_equal if a.difference is not None]
+    missing = [f"{a.level} at {a.at:,.0f} {a.axis} ({a.why})" for a in analysis.batch_equal if a.difference is None]
+    if not rows and not missing:
+        return (" It compares at equal epochs, so smaller batches also make more updates; the study has no "
+                "longer baseline to compare at equal updates.")
+    parts, beyond = [], False
+    for a in rows:
+        d = a.difference
+        parts.append(f"{a.level} at {a.at:,.0f} {a.axis}: {pts(d.estimate)} points ({pts(d.low)} to {pts(d.high)})")
+        beyond |= a.axis == "updates" and (d.low > 0 or d.high < 0)
+    verdict = ("batch size itself changes the score beyond the number of updates" if beyond else
+               "the difference at equal epochs is explained by the number of updates: at equal updates no batch "
+               "size differs from the baseline's curve")
+    text = (" Against the baseline trained longer, read at the same number of updates and seconds (95% Welch CIs): "
+            + "; ".join(parts) + f". So {verdict}.") if parts else ""
+    return text + (" Not comparable: " + "; ".join(missing) + "." if missing else "")
+
+
+def epochs_answer(analysis: Analysis) -> str:
+    e = analysis.epochs
+    head = "**3.ii Epochs**"
+    if e is None or e.verdict == "insufficient_data":
+        return f"{head}: not enough data to say{': ' + e.why if e is not None else ''}."
+    best = (f"at or beyond {e.last_epoch}: the curve is still within noise of its best at the last epoch trained"
+            if e.at_or_beyond else f"epoch {e.best_epoch} (epochs {e.plateau[0]}-{e.plateau[1]} are within noise of it)")
+    text = f"{head} (the baseline trained to {e.last_epoch} epochs, {e.runs} runs): best epoch {best}."
+    if e.gain is not None:
+        text += (f" Training {e.last_epoch} instead of {e.base_epochs} epochs changes the score by {pts(e.gain.estimate)} "
+                 f"points (CI {pts(e.gain.low)} to {pts(e.gain.high)}): "
+                 + {"effect": "it matters", "equivalent": f"equivalent within +-{pts(analysis.precision, False)}",
+                    "not_detected": "not settled"}[e.verdict] + ".")
+    if e.overfits is not None:
+        text += f" After epoch {e.best_epoch} it falls by {pts(-e.overfits.estimate, False)} points: it overfits."
+    return text
+
+
+def measured_answer(analysis: Analysis, arm: str, interval: Interval, n_test: int | None) -> str:
+    """What an arm reaches, with its cost: measured, never given a verdict against another task."""
+    from cnnexp.stats.settle import cell_key
+
+    cost = analysis.costs.get(cell_key({"task": arm}), Cost())
+    binomial = ""
+    if n_test and interval.n and math.isfinite(interval.estimate):
+        half = 1.96 * math.sqrt(interval.estimate * (1 - interval.estimate) / n_test)
+        binomial = f"; one run's binomial CI on its {n_test:,} test images is +-{pts(half, False)} points"
+    return (f"**4 {arm} CNN**: reaches {pts(interval.estimate, False)}% test accuracy (95% CI {pts(interval.low, False)} "
+            f"to {pts(interval.high, False)}% across {interval.n} seeds{binomial}), with {cost.params / 1e6:.2f}M "
+            f"parameters, {cost.flops / 1e6:.0f} MFLOPs per image and {cost.seconds:.0f} s of training per run. It is "
+            "not compared with the CIFAR-10 model: different data, model, training size and test set; a comparison "
+            "needs both models on both datasets (a 2x2).")
+
+
+def regime_line(analysis: Analysis) -> str:
+    r = analysis.regime
+    baseline = (f"; the baseline scores {pts(r.baseline.estimate, False)}% (n={r.baseline.n})" if r.baseline else "")
+    return (f"Regime: {r.train_images or '?':,} training images per trial, {r.epochs or '?'} epochs, the score measured "
+            f"on {r.eval_images or '?':,} held-out images shared by every trial{baseline}."
+            + (f" Data: {r.note}." if r.note else ""))
+
+
+def plain_answers(analysis: Analysis, test_images: dict[str, int]) -> list[str]:
+    """The answers section of summary.md: one paragraph per question, the regime and the error rates first."""
+    questions = len(analysis.factors) + (analysis.epochs is not None)
+    lines = [f"## Answers ({analysis.metric}, in accuracy points)", "", regime_line(analysis), "",
+             f"Each verdict holds at a {analysis.alpha:.0%} error rate over all of the study's looks; with {questions} "
+             f"questions the chance that at least one verdict is wrong is at most {min(1, questions * analysis.alpha):.0%} "
+             "(Bonferroni). `effect`: a CI excludes 0; `equivalent`: every CI lies within "
+             f"+-{pts(analysis.precision, False)} points (answers.precision); `not settled`: neither.", ""]
+    ordered = sorted(analysis.factors, key=lambda p: next((i for i, (_, pat) in enumerate(QUESTIONS) if pat.match(p)), 99))
+    for parameter in ordered:
+        lines += [factor_answer(analysis, parameter, analysis.factors[parameter]), ""]
+    if analysis.epochs is not None or (analysis.design and analysis.design.get("curve_arm")):
+        lines += [epochs_answer(analysis), ""]
+    for arm, interval in analysis.measured.items():
+        lines += [measured_answer(analysis, arm, interval, test_images.get(arm)), ""]
     return lines
+
+
+__all__ = ["plain_answers", "to_settle", "pts", "label", "critical"]

@@ -1,7 +1,9 @@
-"""Plots that answer the question: score per value with 95% CIs and n, a chance line, learning curves.
+"""Plots that answer the question: score per value with 95% CIs and the n each mean uses, a chance line at
+1/classes, learning curves with a band, the history, and the answers with their CIs.
 
-Every plot uses the same trials as the tables (repeats are replicates like any other run);
-pruned trials are drawn grey at their last reported score instead of being dropped.
+A designed study's plot of a factor shows only the runs that compare it: its own cells and the
+baseline, never runs where another factor changed. Failed runs (diverged, at chance) are drawn as
+red crosses, kept out of the means; pruned trials are grey at their last reported score.
 """
 
 from __future__ import annotations
@@ -11,16 +13,16 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import optuna
-import pandas as pd
-from scipy import stats as st
+
+from cnnexp.record import TrialRecord
+from cnnexp.report.analysis import Analysis
+from cnnexp.stats.curves import mean_interval
 
 GREY, BLUE, RED = "#9a9a9a", "#1f5fa8", "#b03030"
 
 
-def plot_all(study: optuna.Study, frame: pd.DataFrame, effects: pd.DataFrame, facts: dict, params: list[str],
-             folder: Path, metric: str = "val_accuracy", chance: float | None = 0.1, curves_of=None) -> list[Path]:
-    """Write the plots; `curves_of` limits the learning curves to some trials (a design's main task)."""
+def plot_all(records: list[TrialRecord], analysis: Analysis, folder: Path, chance: float | None) -> list[Path]:
+    """Write the plots; returns their paths (a plot that fails is skipped with a warning, never the report)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,113 +43,119 @@ def plot_all(study: optuna.Study, frame: pd.DataFrame, effects: pd.DataFrame, fa
         finally:
             plt.close(fig)
 
-    last = {t.number: t.intermediate_values[max(t.intermediate_values)] for t in study.trials
-            if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values}
-    for param in params:
-        save(f"score_vs_{param.replace('/', '_')}.png",
-             lambda ax, p=param: score_vs(ax, frame, p, metric, chance, last))
-    save("learning_curves.png", lambda ax: learning_curves(ax, curves_of or study, metric, chance,
-                                                           facts.get("epochs_band")))
-    save("history.png", lambda ax: history(ax, study, metric, chance))
-    save("importances.png", lambda ax: importances(ax, effects))
+    for parameter in analysis.factors:
+        save(f"score_vs_{parameter.replace('/', '_')}.png",
+             lambda ax, p=parameter: score_vs(ax, _comparing(records, analysis, p), p, analysis.metric, chance))
+    save("learning_curves.png", lambda ax: learning_curves(ax, records, analysis, chance))
+    save("history.png", lambda ax: history(ax, records, analysis.metric, chance))
+    save("answers.png", lambda ax: answers_plot(ax, analysis))
     return written
 
 
-def score_vs(ax, frame: pd.DataFrame, param: str, metric: str, chance, pruned_last: dict) -> None:
-    done = frame[frame["state"] == "COMPLETE"]
-    values = sorted(frame[param].dropna().unique(), key=lambda v: (isinstance(v, str), v))
+def _comparing(records: list[TrialRecord], analysis: Analysis, parameter: str) -> list[TrialRecord]:
+    """The runs that compare `parameter`: a design's own cells of it and the baseline; else every run."""
+    design = analysis.design
+    if not design:
+        return [r for r in records if parameter in r.params]
+    others = {k: design["baseline"][k] for k in design["vary"] if k != parameter}
+    return [r for r in records if r.params.get("task") == design["main"]
+            and all(r.params.get(k) == v for k, v in others.items())]
+
+
+def score_vs(ax, runs: list[TrialRecord], parameter: str, metric: str, chance) -> None:
+    values = sorted({r.params[parameter] for r in runs if parameter in r.params}, key=lambda v: (isinstance(v, str), v))
     position = {v: i for i, v in enumerate(values)}
-    numeric = all(isinstance(v, (int, float, np.integer, np.floating)) for v in values)
-    xs = (lambda s: s.astype(float)) if numeric else (lambda s: s.map(position))
-    flagged = done["flag"].notna() if "flag" in done else pd.Series(False, index=done.index)
-    ax.scatter(xs(done.loc[~flagged, param]), done.loc[~flagged, "objective"], color=BLUE, alpha=0.45, s=22,
-               label="trials (each seed)")
-    if flagged.any():
-        ax.scatter(xs(done.loc[flagged, param]), done.loc[flagged, "objective"], color=RED, marker="x",
-                   label="flagged: diverged or at chance (kept)")
-    pruned = frame[frame["trial"].isin(pruned_last)]
-    if len(pruned):
-        ax.scatter(xs(pruned[param]), pruned["trial"].map(pruned_last), color=GREY, alpha=0.6, s=18,
-                   label="pruned (last epoch reached)")
-    groups = done.groupby(param)["objective"]
-    means, counts = groups.mean(), groups.count()
-    sds = groups.std(ddof=1)
-    half = [st.t.ppf(0.975, n - 1) * s / math.sqrt(n) if n > 1 and s == s else np.nan for n, s in zip(counts, sds)]
-    gx = [float(v) if numeric else position[v] for v in means.index]
-    ax.errorbar(gx, means.values, yerr=np.array(half, dtype=float), fmt="o-", color="black", capsize=4,
-                label="mean, 95% CI")
-    for x, m, n in zip(gx, means.values, counts.values):
-        ax.annotate(f"n={n}", (x, m), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    done = [r for r in runs if r.complete]
+    ok, failed = [r for r in done if not r.flag], [r for r in done if r.flag]
+    pruned = [r for r in runs if r.state == "PRUNED" and r.curve]
+    ax.scatter([position[r.params[parameter]] for r in ok], [r.value for r in ok], color=BLUE, alpha=0.45, s=22,
+               label="runs (each seed)")
+    if failed:
+        ax.scatter([position[r.params[parameter]] for r in failed], [r.value for r in failed], color=RED, marker="x",
+                   label="failed: diverged or at chance (not in the means)")
+    if pruned:
+        ax.scatter([position[r.params[parameter]] for r in pruned], [r.curve[max(r.curve)] for r in pruned], color=GREY,
+                   s=18, label="pruned (last epoch reached)")
+    means = [mean_interval([r.value for r in ok if r.params[parameter] == v]) for v in values]
+    xs = np.arange(len(values))
+    errors = np.array([[m.estimate - m.low, m.high - m.estimate] if m.n > 1 else [np.nan, np.nan] for m in means]).T
+    ax.errorbar(xs, [m.estimate for m in means], yerr=errors, fmt="o-", color="black", capsize=4, label="mean, 95% CI")
+    for x, m in zip(xs, means):
+        ax.annotate(f"n={m.n}", (x, m.estimate), textcoords="offset points", xytext=(6, 6), fontsize=8)
     if chance:
-        ax.axhline(chance, color=RED, lw=1, ls="--", label=f"chance ({chance:g})")
-    if numeric and all(float(v).is_integer() for v in values):
-        ax.set_xticks([float(v) for v in values], [str(int(v)) for v in values])
-    elif not numeric:
-        ax.set_xticks(range(len(values)), [str(v) for v in values])
-    ax.set_xlabel(param)
+        ax.axhline(chance, color=RED, lw=1, ls="--", label=f"chance (1/{round(1 / chance)})")
+    ax.set_xticks(xs, [str(v) for v in values])
+    ax.set_xlabel(parameter)
     ax.set_ylabel(f"{metric} (last epoch)")
-    ax.set_title(f"{metric} vs {param}")
+    ax.set_title(f"{metric} vs {parameter} (only the runs that compare it)")
     ax.legend(fontsize=8)
 
 
-def learning_curves(ax, study: optuna.Study, metric: str, chance, band: pd.DataFrame | None) -> None:
+def learning_curves(ax, records: list[TrialRecord], analysis: Analysis, chance) -> None:
+    design = analysis.design or {}
+    long_arm = design.get("curve_arm")
     drawn = False
-    for t in study.trials:
-        if not t.intermediate_values:
+    for r in records:
+        if not r.curve or r.params.get("task") == long_arm:
             continue
-        epochs = sorted(t.intermediate_values)
-        complete = t.state == optuna.trial.TrialState.COMPLETE
-        ax.plot(epochs, [t.intermediate_values[e] for e in epochs], color=BLUE if complete else GREY,
-                alpha=0.35 if complete else 0.5, lw=1)
+        epochs = sorted(r.curve)
+        ax.plot(epochs, [r.curve[e] for e in epochs], color=BLUE if r.complete else GREY, alpha=0.3, lw=1)
+        drawn = True
+    e = analysis.epochs
+    if e is not None and e.mean:
+        epochs = np.arange(1, len(e.mean) + 1)
+        ax.fill_between(epochs, [m.low for m in e.mean], [m.high for m in e.mean], color=BLUE, alpha=0.2,
+                        label=f"baseline trained longer: mean, 95% CI (n={e.runs})")
+        ax.plot(epochs, [m.estimate for m in e.mean], color="black", lw=2)
         drawn = True
     if not drawn:
         raise ValueError("no trial reported an epoch")
-    if band is not None and len(band):
-        ax.fill_between(band["epoch"], band["ci_low"], band["ci_high"], color=BLUE, alpha=0.2,
-                        label="mean of complete trials, 95% CI")
-        ax.plot(band["epoch"], band["mean"], color="black", lw=2)
     if chance:
-        ax.axhline(chance, color=RED, lw=1, ls="--", label=f"chance ({chance:g})")
-    top = max(max(t.intermediate_values) for t in study.trials if t.intermediate_values)
-    ax.set_xticks(range(1, top + 1))
-    ax.plot([], [], color=GREY, label="pruned trials")
+        ax.axhline(chance, color=RED, lw=1, ls="--", label=f"chance (1/{round(1 / chance)})")
+    ax.plot([], [], color=BLUE, alpha=0.5, label="each run (grey: pruned)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per epoch")
+    ax.set_ylabel(analysis.metric)
+    ax.set_title(f"{analysis.metric} per epoch")
     ax.legend(fontsize=8)
 
 
-def history(ax, study: optuna.Study, metric: str, chance) -> None:
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+def history(ax, records: list[TrialRecord], metric: str, chance) -> None:
+    done = [r for r in records if r.complete]
     if not done:
         raise ValueError("no complete trial")
-    ax.scatter([t.number for t in done], [t.value for t in done], color=BLUE, s=22, label="complete")
-    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values]
-    ax.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
-               color=GREY, s=18, label="pruned (last epoch reached)")
-    best = np.maximum.accumulate([t.value for t in done])
-    ax.step([t.number for t in done], best, where="post", color="black", label="best so far")
+    ax.scatter([r.number for r in done], [r.value for r in done], color=BLUE, s=22, label="complete")
+    pruned = [r for r in records if r.state == "PRUNED" and r.curve]
+    ax.scatter([r.number for r in pruned], [r.curve[max(r.curve)] for r in pruned], color=GREY, s=18,
+               label="pruned (last epoch reached)")
+    ax.step([r.number for r in done], np.maximum.accumulate([r.value for r in done]), where="post", color="black",
+            label="best so far")
     if chance:
-        ax.axhline(chance, color=RED, lw=1, ls="--", label=f"chance ({chance:g})")
+        ax.axhline(chance, color=RED, lw=1, ls="--", label=f"chance (1/{round(1 / chance)})")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
-    ax.set_title("optimisation history")
+    ax.set_title("history")
     ax.legend(fontsize=8)
 
 
-def importances(ax, effects: pd.DataFrame) -> None:
-    """Effect sizes with their 95% CIs: an importance chart that shows its own uncertainty."""
-    rows = effects.reset_index(drop=True)
+def answers_plot(ax, analysis: Analysis) -> None:
+    """Each question's estimate with its CI, and the +-precision band that `equivalent` needs."""
+    rows = [(p, a) for p, a in analysis.factors.items() if a.verdict != "insufficient_data"]
+    if analysis.epochs is not None and analysis.epochs.gain is not None:
+        g = analysis.epochs.gain
+        rows.append(("train.epochs", type("A", (), {"estimate": g.estimate, "ci_low": g.low, "ci_high": g.high,
+                                                    "verdict": analysis.epochs.verdict})()))
+    if not rows:
+        raise ValueError("no answer with a CI")
     y = np.arange(len(rows))
-    estimate = rows["estimate"].astype(float)
-    low, high = rows["ci_low"].astype(float), rows["ci_high"].astype(float)
-    ax.errorbar(estimate, y, xerr=[estimate - low, high - estimate], fmt="o", color="black", capsize=4)
+    est = np.array([a.estimate for _, a in rows])
+    low, high = np.array([a.ci_low for _, a in rows]), np.array([a.ci_high for _, a in rows])
+    ax.errorbar(est, y, xerr=[est - low, high - est], fmt="o", color="black", capsize=4)
     ax.axvline(0, color=GREY, lw=1)
-    ax.set_yticks(y, [f"{p}\n({v})" for p, v in zip(rows["parameter"], rows["verdict"])])
-    ax.set_xlabel("effect on the score: best minus worst value (slope for continuous), 95% CI")
-    unsettled = rows["verdict"].eq("insufficient_data").sum()
-    title = "effect sizes"
-    if unsettled or len(rows) == 0:
-        title += f" — too few trials to trust for {unsettled} parameter(s)"
-    ax.set_title(title, fontsize=10)
+    if analysis.precision and math.isfinite(analysis.precision):
+        ax.axvspan(-analysis.precision, analysis.precision, color=BLUE, alpha=0.08, label="+-answers.precision")
+        ax.legend(fontsize=8)
+    ax.set_yticks(y, [f"{p}\n({a.verdict})" for p, a in rows])
+    ax.set_xlabel("best minus worst (a slope: per unit; epochs: last minus base), with its CI")
+    ax.set_title("the answers and their uncertainty", fontsize=10)

@@ -1,241 +1,71 @@
-"""Report stage: does any of this have an effect on the score, how much, and at what cost?
+"""Report stage: the answers, their tables and plots, written for a finished (or running) study.
 
-    python -m cnnexp.report <study>   [--storage sqlite:///studies.db] [--out outputs/sweeps]
-
-Writes `<sweep.output_dir>/<study>/`: `summary.md` (the answers first), `effects.csv` (one row
-per searched parameter: verdict, estimate, 95% CI), `trials.csv` and `plots/`. Effects come from
-one additive model over the searched parameters (`cnnexp.stats`), fitted on the complete trials;
-repeats are genuine replicates and count as such, in the tables and the plots alike.
-
-Flagged trials (a loss that exploded, a score at chance) are genuine outcomes of their settings
-(a learning rate that is too high *is* an effect), so they stay in the model, but never silently:
-the summary lists them and says which verdicts would change without them.
+Writes `<sweep.output_dir>/<study>/`: `summary.md` (the answers first), `effects.csv` (one row per
+question: verdict, estimate, CI, the error rate it holds at, the detectable effect, runs and
+seconds spent), `trials.csv` and `plots/`. The folder is written beside and swapped in whole, so a
+report is either complete or the previous one (an interrupted write leaves no half report).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 
+from cnnexp import record
 from cnnexp.console import table, wrap
-from cnnexp.report import stats
-from cnnexp.report.answers import answers
-from cnnexp.sweep.study import best_trial
-from cnnexp.tracking import runs
+from cnnexp.report.analysis import Analysis, analyse
+from cnnexp.report.answers import label, plain_answers, pts, to_settle
+from cnnexp.report.plots import plot_all
+from cnnexp.tracking import runs, store
 
-COLUMNS = {  # user attribute -> report column
-    "seed": "seed", "repeat_of": "repeat_of", "test_accuracy": "test_accuracy", "test_loss": "test_loss",
-    "epochs_run": "epochs", "train_seconds": "train_s", "params": "n_params", "flops_per_image": "flops",
-    "flag": "flag", "error": "error", "pruned": "pruned", "dataset_note": "dataset_note",
-}
-EFFECT_COLUMNS = ["parameter", "verdict", "estimate", "ci_low", "ci_high", "n_min", "best_value"]
+EFFECT_COLUMNS = ["question", "parameter", "verdict", "estimate", "ci_low", "ci_high", "alpha", "n_min", "best_value",
+                  "bound", "mde", "p_value", "settled_at_look", "runs", "failed", "seconds", "to_settle"]
 
 
-def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial (repeats included, marked by `repeat_of`): params, scores, cost, state."""
-    params = sorted({name for t in study.trials for name in t.params})
+def effect_rows(analysis: Analysis) -> list[dict]:
+    """One row per question (effects.csv), in the questions' order."""
     rows = []
-    for t in study.trials:
-        row = {"trial": t.number, **{p: t.params.get(p) for p in params}, "state": t.state.name,
-               "objective": t.value}
-        row.update({column: t.user_attrs.get(attr) for attr, column in COLUMNS.items()})
-        row["duration_s"] = round(t.duration.total_seconds(), 1) if t.duration else None
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=["trial", *params, "state", "objective", *COLUMNS.values(), "duration_s"])
-    for column in [*params, "seed", "repeat_of", "epochs", "n_params", "flops"]:
-        # Integer values stay integers when some rows lack them (a design's MNIST arm has no kernel).
-        values = pd.to_numeric(frame[column], errors="coerce")
-        if values.notna().any() and values.notna().sum() == frame[column].notna().sum() \
-                and (values.dropna() % 1 == 0).all():
-            frame[column] = values.astype("Int64")
-    return frame.dropna(axis=1, how="all").reindex(columns=[c for c in frame.columns
-                                                              if c in params or frame[c].notna().any()
-                                                              or c in ("trial", "state", "objective", "test_accuracy")])
+    for parameter, a in analysis.factors.items():
+        seconds = analysis.seconds.get(parameter, float("nan"))
+        runs_used = sum(lv.n for lv in a.levels)
+        rows.append({"question": label(parameter), "parameter": parameter, "verdict": a.verdict, "estimate": a.estimate,
+                     "ci_low": a.ci_low, "ci_high": a.ci_high, "alpha": a.alpha,
+                     "n_min": min((lv.n for lv in a.levels), default=0), "best_value": a.best, "bound": a.bound,
+                     "mde": a.mde, "p_value": a.p_value, "settled_at_look": analysis.settled_at.get(parameter),
+                     "runs": runs_used, "failed": sum(lv.failed for lv in a.levels), "seconds": seconds,
+                     "to_settle": "" if a.settled() else to_settle(a, analysis.precision or 0.0,
+                                                                    seconds / max(runs_used, 1))})
+    e = analysis.epochs
+    if e is not None:
+        g = e.gain
+        rows.append({"question": "3.ii Epochs", "parameter": "train.epochs", "verdict": e.verdict,
+                     "estimate": g.estimate if g else math.nan, "ci_low": g.low if g else math.nan,
+                     "ci_high": g.high if g else math.nan, "alpha": g.alpha if g else math.nan, "n_min": e.runs,
+                     "best_value": f">={e.last_epoch}" if e.at_or_beyond else e.best_epoch,
+                     "settled_at_look": analysis.settled_at.get("train.epochs"), "runs": e.runs,
+                     "seconds": analysis.seconds.get("train.epochs", math.nan)})
+    for arm, i in analysis.measured.items():
+        rows.append({"question": f"4 {arm}", "parameter": "task", "verdict": "measured", "estimate": i.estimate,
+                     "ci_low": i.low, "ci_high": i.high, "alpha": i.alpha, "n_min": i.n, "best_value": arm,
+                     "settled_at_look": analysis.settled_at.get(f"task={arm}"), "runs": i.n,
+                     "seconds": analysis.seconds.get(f"task={arm}", math.nan)})
+    return rows
 
 
-def analysable(frame: pd.DataFrame, without_flagged: bool = False) -> pd.DataFrame:
-    """Complete trials: what the effects are estimated from (optionally without the flagged ones)."""
-    keep = frame["state"] == "COMPLETE"
-    if without_flagged and "flag" in frame:
-        keep &= frame["flag"].isna()
-    return frame[keep]
-
-
-def learning_curves(study: optuna.Study) -> pd.DataFrame:
-    """Validation score per epoch (columns 1..E) of every complete trial, NaN where it stopped."""
-    curves = {t.number: t.intermediate_values for t in study.trials
-              if t.state == optuna.trial.TrialState.COMPLETE and t.intermediate_values}
-    frame = pd.DataFrame.from_dict(curves, orient="index")
-    return frame.reindex(columns=sorted(frame.columns)) if not frame.empty else frame
-
-
-def analyse(study: optuna.Study, frame: pd.DataFrame, params: list[str]) -> tuple[pd.DataFrame, dict]:
-    """effects.csv's rows, plus the facts the answers need (noise, epochs curve)."""
-    design = study.user_attrs.get("design")
-    if design and "task" in params:
-        return _analyse_design(study, frame, params, design)
-    data = analysable(frame)
-    effects = stats.effects(data, params, metric="objective",
-                            log_scale={p for p in params if _is_log(study, p)})
-    facts = {"residual_sd": effects.attrs.get("residual_sd"), "residual_df": effects.attrs.get("residual_df")}
-    facts["noise"] = stats.replicate_noise(data, params, metric="objective", seed_column="seed")
-    if "flag" in frame and frame["flag"].notna().any():
-        robust = stats.effects(analysable(frame, without_flagged=True), params, metric="objective",
-                               log_scale={p for p in params if _is_log(study, p)})
-        facts["changed_without_flagged"] = [
-            f"{a.parameter}: {a.verdict} -> {b.verdict}" for a, b in zip(effects.itertuples(), robust.itertuples())
-            if a.verdict != b.verdict]
-    curves = learning_curves(study)
-    if "train.epochs" not in params and curves.shape[1:] and curves.shape[1] >= 2:
-        band, row = stats.epoch_curve(curves)
-        facts["epochs_band"] = band
-        effects = pd.concat([effects, pd.DataFrame([{k: row.get(k) for k in effects.columns}])], ignore_index=True)
-        facts["epochs_row"] = row
-    return effects, facts
-
-
-def _analyse_design(study, frame, params, design) -> tuple[pd.DataFrame, dict]:
-    """A designed study: the main task's factors in one additive model; each arm against the baseline."""
-    main = frame[frame["task"] == design["main"]]
-    others = [p for p in params if p != "task"]
-    main_study_trials = set(main["trial"])
-    effects, facts = analyse(_Subset(study, main_study_trials), main, others)
-    done = analysable(frame)
-    baseline = done[(done["task"] == design["main"])]
-    for key, value in design["baseline"].items():
-        if key in baseline:
-            baseline = baseline[baseline[key].map(lambda v, want=value: _same(v, want))]
-    rows = []
-    for arm in design["arms"]:
-        scores = done.loc[done["task"] == arm, "test_accuracy"].dropna()
-        row = stats.compare_two(scores.tolist(), baseline["test_accuracy"].dropna().tolist())
-        row.update(parameter="task", best_value=arm if (row.get("estimate") or 0) > 0 else design["main"],
-                   levels=f"{arm}: {scores.mean():.4f} (n={len(scores)}), {design['main']}: "
-                          f"{baseline['test_accuracy'].mean():.4f} (n={len(baseline)})")
-        rows.append(row)
-        notes = frame.loc[frame["task"] == arm, "dataset_note"].dropna() if "dataset_note" in frame else []
-        if len(notes):
-            facts.setdefault("notes", []).append(notes.iloc[0])
-    if rows:
-        effects = pd.concat([effects, pd.DataFrame(rows).reindex(columns=effects.columns)], ignore_index=True)
-    return effects, facts
-
-
-def _same(a, b) -> bool:
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return str(a) == str(b)
-
-
-class _Subset:
-    """A study seen through some of its trials (a designed study's main task), for the learning curves."""
-
-    def __init__(self, study: optuna.Study, numbers: set[int]):
-        self._study, self._numbers = study, numbers
-
-    @property
-    def trials(self):
-        return [t for t in self._study.trials if t.number in self._numbers]
-
-    @property
-    def user_attrs(self):
-        return {}
-
-
-def _is_log(study: optuna.Study, param: str) -> bool:
-    for t in study.trials:
-        dist = t.distributions.get(param)
-        if dist is not None:
-            return bool(getattr(dist, "log", False))
-    return False
-
-
-def write_report(study: optuna.Study, settings, parent: runs.Run | None = None) -> str:
-    """Write summary.md, effects.csv, trials.csv and plots/; attach them to the parent run.
-
-    Returns:
-        The plain-text summary for the terminal (answers first, tables that fit 100 columns).
-    """
-    from cnnexp.report.plots import plot_all
-
-    out = Path(str(settings.output_dir)) / study.study_name
-    out.mkdir(parents=True, exist_ok=True)
-    frame = trials_table(study)
-    params = sorted({name for t in study.trials for name in t.params})
-    effects, facts = analyse(study, frame, params)
-    frame.to_csv(out / "trials.csv", index=False)
-    effects_out = effects[EFFECT_COLUMNS + [c for c in effects.columns if c not in EFFECT_COLUMNS]]
-    effects_out.to_csv(out / "effects.csv", index=False)
-    design = study.user_attrs.get("design")
-    main_task = _Subset(study, set(frame.loc[frame["task"] == design["main"], "trial"])) \
-        if design and "task" in frame else None
-    plots = plot_all(study, frame, effects, facts, params, out / "plots", metric=str(settings.metric),
-                     curves_of=main_task)
-
-    metric = str(settings.metric)
-    best = best_trial(study)
-    if design:  # the best of the main task: an arm (MNIST) scores on another dataset, not comparable
-        main_done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-                     and t.params.get("task") == design["main"]]
-        best = max(main_done, key=lambda t: t.value, default=None) if settings.direction == "maximize" else \
-            min(main_done, key=lambda t: t.value, default=None)
-    said = answers(study, frame, effects, facts, metric)
-    main = frame[frame["repeat_of"].isna()] if "repeat_of" in frame else frame
-    counts = main["state"].value_counts().to_dict()
-    n_repeats = len(frame) - len(main)
-    flagged = frame[frame["flag"].notna()] if "flag" in frame else frame.iloc[:0]
-    ui = study.user_attrs.get("mlflow_ui_url")
-    lines = [f"# Study `{study.study_name}`: {metric} ({settings.direction})", "", *said, "",
-             f"Trials: {len(main)} of {settings.n_trials} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
-             + (f", plus {n_repeats} repeat(s) with other seeds" if n_repeats else "")
-             + f"; storage `{settings.storage}`." + (f" MLflow: {ui}" if ui else ""), ""]
-    noise, groups, dof = facts["noise"]
-    lines.append("Seed noise: " + (f"sd {noise:.4f} of {metric} from {groups} configuration(s) run with several "
-                                   f"seeds ({dof} degrees of freedom)" if noise is not None else
-                                   "no configuration was run with two seeds yet (sweep.repeats=N measures it)")
-                 + (f"; the model's residual sd is {facts['residual_sd']:.4f} on {facts['residual_df']} df."
-                    if facts.get("residual_sd") is not None and math.isfinite(facts["residual_sd"]) else "."))
-    if len(flagged):
-        changed = facts.get("changed_without_flagged") or []
-        lines += ["", f"Flagged runs ({len(flagged)}), kept in the effects as genuine outcomes of their settings: "
-                  + "; ".join(f"trial {r.trial}: {r.flag}" for r in flagged.itertuples()) + ". Without them "
-                  + ("these verdicts would change: " + ", ".join(changed) if changed else "no verdict changes") + "."]
-    lines += ["", "## Effects (additive model over the searched parameters, 95% CI, Tukey-adjusted across levels)",
-              "", _markdown(effects_out), ""]
-    if best is not None:
-        lines += [f"Best: trial {best.number}, {metric}={best.value:.4f}, "
-                  f"test_accuracy={best.user_attrs.get('test_accuracy', float('nan')):.4f}, params {best.params}.",
-                  f"Reproduce: `{best.user_attrs.get('command', '')}`", ""]
-    lines += ["## Trials", "", _markdown(frame.drop(columns=["error"], errors="ignore")), "",
-              "Plots: " + ", ".join(p.name for p in plots), ""]
-    (out / "summary.md").write_text("\n".join(lines))
-
-    if parent is not None and parent.active:
-        for path in (out / "trials.csv", out / "effects.csv", out / "summary.md"):
-            parent.log_artifact(path)
-        for path in plots:
-            parent.log_artifact(path, "plots")
-        parent.log_metrics({f"trials_{k.lower()}": v for k, v in counts.items()})
-        if best is not None:
-            parent.log_metrics({f"best_{metric}": best.value,
-                                "best_test_accuracy": best.user_attrs.get("test_accuracy", float("nan"))})
-            parent.set_tags({"cnnexp.best_trial": best.number, "cnnexp.best_run_id": best.user_attrs.get("mlflow_run_id"),
-                             "cnnexp.best_registered_version": best.user_attrs.get("registered_version")})
-        if noise is not None:
-            parent.log_metrics({"seed_noise_sd": noise})
-    return terminal_summary(said, effects_out, out)
-
-
-def terminal_summary(said: list[str], effects: pd.DataFrame, out: Path) -> str:
-    """What the terminal shows at the end: the answers, then the effects as a plain table."""
-    rows = effects.to_dict("records")
-    columns = ["parameter", "verdict", "estimate", "ci_low", "ci_high", "n_min", "best_value"]
-    return "\n".join([wrap("\n".join(said)), "", table(rows, columns, width=100), "",
-                      f"Report: {out / 'summary.md'} (effects.csv, trials.csv, plots/ beside it)"])
+def trials_table(records: list[record.TrialRecord]) -> pd.DataFrame:
+    params = sorted({name for r in records for name in r.params})
+    columns = ["seed", "round", "repeat_of", "test_accuracy", "epochs_run", "train_images", "updates", "duration_s",
+               "num_params", "flops", "flag", "pruned", "error", "dataset_note"]
+    rows = [{"trial": r.number, **{p: r.params.get(p) for p in params}, "state": r.state, "objective": r.value,
+             **{c: getattr(r, c) for c in columns}} for r in records]
+    frame = pd.DataFrame(rows, columns=["trial", *params, "state", "objective", *columns])
+    return frame.dropna(axis=1, how="all")
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -244,7 +74,124 @@ def _markdown(frame: pd.DataFrame) -> str:
     shown = frame.copy()
     for column in shown.columns:
         if pd.api.types.is_float_dtype(shown[column]):
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else (f"{v:.0f}" if float(v).is_integer()
-                                                                                and abs(v) >= 100 else f"{v:.4g}"))
-    shown = shown.astype(object).where(shown.notna(), "")
-    return shown.astype(str).replace({"nan": "", "<NA>": "", "None": ""}).to_markdown(index=False)
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else (
+                f"{v:.0f}" if float(v).is_integer() and abs(v) >= 100 else f"{v:.4g}"))
+    return shown.astype(object).where(shown.notna(), "").astype(str).replace(
+        {"nan": "", "<NA>": "", "None": ""}).to_markdown(index=False)
+
+
+def _study_lines(study: optuna.Study, records, facts: record.StudyRecord, analysis: Analysis, settings) -> list[str]:
+    """Trials, time against the plan, noise, failures and the looks."""
+    done = [r for r in records if r.duration_s]
+    trained = sum(r.duration_s for r in done)
+    starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start]
+    ends = [t.datetime_complete for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else float("nan")
+    counts = pd.Series([r.state for r in records]).value_counts().to_dict() if records else {}
+    lines = [f"Trials: {len(records)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
+             f"{trained / 60:.1f} min of training, {wall / 60:.1f} min of wall time; storage `{settings.storage}`."
+             + (f" MLflow: {facts.mlflow_ui_url}" if facts.mlflow_ui_url else "")]
+    predicted = sum(r.predicted_s for r in done if r.predicted_s)
+    if facts.plan and predicted:
+        lines.append(f"Time: planned {facts.plan['budget_s'] / 60:.0f} min (sweep.budget); the planner predicted "
+                     f"{predicted / 60:.1f} min for the trials that ran, they took {trained / 60:.1f} min "
+                     f"({trained / predicted - 1:+.0%}).")
+    noise = analysis.noise
+    if math.isfinite(noise.sd):
+        lines.append(f"Noise: SD {pts(noise.sd, False)} points between seeds ({noise.df} df; it covers initialisation "
+                     f"and data order, not which training images were drawn: those are fixed by dataset.subset_seed). "
+                     f"The {analysis.regime.eval_images or 0:,} evaluation images alone give SD "
+                     f"{pts(noise.eval_sd, False)}: {noise.eval_share:.0%} of the variance.")
+    if analysis.failed:
+        lines.append(f"Failed runs ({len(analysis.failed)}), counted per value and kept out of the accuracy model: "
+                     + "; ".join(f"trial {r.number} ({r.params}): {r.flag}" for r in analysis.failed) + ".")
+    if analysis.looks:
+        lines += ["", "Looks (each with its share of the error rate):", ""]
+        lines += [f"- look {entry['round']}: error rate {entry['alpha']:.4f}, {entry['seconds_spent'] / 60:.1f} min spent"
+                  + (f", undecided: {', '.join(entry['undecided'])}" if entry["undecided"] else ", everything settled")
+                  + (" (last)" if entry["final"] else "") for entry in analysis.looks]
+    return lines
+
+
+def _per_cell(analysis: Analysis) -> list[str]:
+    cells = analysis.noise.per_cell
+    if not cells:
+        return []
+    frame = pd.DataFrame(cells, columns=["cell", "n", "sd"]).assign(sd=lambda f: 100 * f["sd"])
+    return ["", "Per-cell SD (points), a diagnostic: a cell far above the others is noisier, and its comparisons "
+                "are wider (the model gives each cell its own variance).", "", _markdown(frame)]
+
+
+def write_report(study: optuna.Study, settings, answers_cfg) -> str:
+    """Write the report folder (swapped in whole) and attach it to the parent run; returns the terminal text."""
+    records, facts = record.read_trials(study), record.read_study(study)
+    analysis = analyse(study, records, facts, answers_cfg)
+    final = Path(str(settings.output_dir)) / study.study_name
+    staging = final.with_name(f".{study.study_name}.writing-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        effects = pd.DataFrame(effect_rows(analysis), columns=EFFECT_COLUMNS)
+        effects.to_csv(staging / "effects.csv", index=False)
+        trials_table(records).to_csv(staging / "trials.csv", index=False)
+        classes = [r.num_classes for r in records if r.num_classes and r.params.get("task") in (None, (facts.design or {}).get("main"))]
+        plots = plot_all(records, analysis, staging / "plots", 1 / int(np.median(classes)) if classes else None)
+        tests = {arm: int(np.median([r.test_images for r in records if r.params.get("task") == arm and r.test_images]
+                                    or [0])) for arm in analysis.measured}
+        said = plain_answers(analysis, tests)
+        lines = [f"# Study `{study.study_name}`: {facts.metric} ({study.direction.name.lower()})", "", *said,
+                 *_study_lines(study, records, facts, analysis, settings), *_per_cell(analysis), "",
+                 "## Questions (effects.csv)", "", _markdown(effects), "", *_best(study, facts),
+                 "## Trials", "", _markdown(trials_table(records).drop(columns=["error"], errors="ignore")), "",
+                 "Plots: " + ", ".join(p.name for p in plots), ""]
+        (staging / "summary.md").write_text("\n".join(lines))
+        _swap(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _attach(study, facts, final, analysis)
+    rows = effects.to_dict("records")
+    return "\n".join([wrap("\n".join(said)), "", table(rows, ["parameter", "verdict", "estimate", "ci_low", "ci_high",
+                                                               "n_min", "best_value"], width=100), "",
+                      f"Report: {final / 'summary.md'} (effects.csv, trials.csv, plots/ beside it)"])
+
+
+def _best(study: optuna.Study, facts: record.StudyRecord) -> list[str]:
+    best = record.best_trial(study, (facts.design or {}).get("main"))
+    if best is None:
+        return []
+    facts_best = record.read_trial(best)
+    return [f"Best: trial {best.number}, {facts.metric}={best.value:.4f}, test_accuracy="
+            f"{facts_best.test_accuracy or float('nan'):.4f}, params {best.params}.",
+            f"Reproduce: `{facts_best.command}`", ""]
+
+
+def _swap(staging: Path, final: Path) -> None:
+    """Replace the report folder in two renames: a reader sees the old report or the new one, never half."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _attach(study: optuna.Study, facts: record.StudyRecord, folder: Path, analysis: Analysis) -> None:
+    """The report, the best trial and the counts on the study's MLflow parent run."""
+    if not (facts.mlflow_parent_run_id and facts.mlflow_tracking_uri):
+        return
+    store.use(facts.mlflow_tracking_uri)
+    parent = runs.Run(facts.mlflow_parent_run_id)
+    for name in ("trials.csv", "effects.csv", "summary.md"):
+        parent.log_artifact(folder / name)
+    for path in sorted((folder / "plots").glob("*.png")):
+        parent.log_artifact(path, "plots")
+    if math.isfinite(analysis.noise.sd):
+        parent.log_metrics({"seed_noise_sd": analysis.noise.sd})
+    parent.set_tags({f"cnnexp.answer.{p}": a.verdict for p, a in analysis.factors.items()})
+    states = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)]).value_counts().to_dict()
+    parent.log_metrics({f"trials_{state.lower()}": count for state, count in states.items()})
+    best = record.best_trial(study, (facts.design or {}).get("main"))
+    if best is not None:
+        facts_best = record.read_trial(best)
+        parent.log_metrics({f"best_{facts.metric}": best.value, "best_test_accuracy": facts_best.test_accuracy})
+        parent.set_tags({"cnnexp.best_trial": best.number, "cnnexp.best_run_id": facts_best.mlflow_run_id,
+                         "cnnexp.best_registered_version": facts_best.registered_version})

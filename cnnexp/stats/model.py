@@ -147,8 +147,10 @@ def fit(data: pd.DataFrame, params: list[str], kinds: dict[str, str], metric: st
     prior_var, prior_df = _prior(variances, dfs)
     if not math.isfinite(prior_var) or prior_var <= 0:
         prior_var = float(residual @ residual / residual_df)
-    moderated = (variances * dfs + (prior_var * prior_df if math.isfinite(prior_df) else 0)) / (
-        dfs + (prior_df if math.isfinite(prior_df) else 0)) if math.isfinite(prior_df) else np.full(n_cells, prior_var)
+    if math.isfinite(prior_df):
+        moderated = (variances * dfs + prior_var * prior_df) / (dfs + prior_df)
+    else:
+        moderated = np.full(n_cells, prior_var)
     cell_df = np.minimum(dfs + (prior_df if math.isfinite(prior_df) else residual_df), residual_df)
     # Never below the configuration's own estimate: shrinking a noisy cell's variance down to the others'
     # would call its noise an effect (measured: 16% false effects with one cell 3x noisier, 3 seeds each).

@@ -48,7 +48,8 @@ class Need:
 
 
 def _variance(pair: tuple[str, str | None], cells: dict[str, Cell], extra: dict[str, int]) -> float:
-    return sum(cells[c].variance / (cells[c].n + extra.get(c, 0)) for c in pair if c is not None)
+    # A cell without a usable run yet counts as half a run: its first runs narrow the most.
+    return sum(cells[c].variance / max(cells[c].n + extra.get(c, 0), 0.5) for c in pair if c is not None)
 
 
 def allocate(needs: list[Need], cells: dict[str, Cell], seconds: float, most: int | None = None) -> dict[str, int]:

@@ -45,18 +45,19 @@ def cell_key(values: dict) -> str:
     return ",".join(f"{k}={values[k]}" for k in sorted(values))
 
 
-def look(main: pd.DataFrame, factors: dict[str, object], measured: dict[str, pd.DataFrame],
-         curve_runs: pd.DataFrame | None, base_epochs: int, alpha: float, precision: float) -> Look:
+def look(main: pd.DataFrame, measured: dict[str, pd.DataFrame], curve_runs: pd.DataFrame | None, design: dict,
+         alpha: float, precision: float) -> Look:
     """Answer every question at error rate `alpha`.
 
     Args:
-        main: the main task's runs: factor columns, `objective`, `seed`, `failed`, `cell`.
-        factors: factor -> its baseline value.
+        main: the main task's runs: factor columns, `objective`, `seed`, `failed`, `cell` (see `tables`).
         measured: arm -> its runs (`test_accuracy`, `failed`, `cell`).
         curve_runs: the epochs arm's runs (`curve`: {epoch: score}, `failed`, `cell`), or None.
-        base_epochs: the epochs every other run trains.
+        design: the design's description (`Design.describe`): its factors, baseline and base epochs.
     """
     result = Look(alpha)
+    factors = {f: design["baseline"][f] for f in design["vary"]}
+    base_epochs = int(design["base_epochs"])
     kinds = {f: "categorical" for f in factors}
     baseline_cell = None
     if len(main):

@@ -27,7 +27,7 @@ from cnnexp.sweep import budget, rounds
 from cnnexp.sweep.objective import STOP_REQUESTED, Interrupted, Objective, StaleTrialCallback, describe
 from cnnexp.sweep.settings import parse_budget
 from cnnexp.sweep.space import Sweep, trial_overrides
-from cnnexp.sweep.study import StudyFull, best_trial, checkpoint_root, config_key, count_trials, open_study
+from cnnexp.sweep.study import StudyFull, checkpoint_root, config_key, count_trials, open_study
 from cnnexp.tracking import runs, store, views
 
 WAITING, RUNNING = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING
@@ -121,7 +121,7 @@ class Loop:
         if facts.repeat_of is None and facts.round == 1:
             self.bar.update(1)
         main = self.sweep.design.main if self.sweep.design is not None else None
-        best = best_trial(study, main)
+        best = record.best_trial(study, main)
         self.bar.set_postfix_str(f"best {self.settings.metric}={best.value:.4f} (#{best.number})" if best else "")
         say(trial_line(facts, str(self.settings.metric)))
         if self.recycle_now():
@@ -145,9 +145,13 @@ class Loop:
                 pass
             if STOP_REQUESTED.is_set():
                 raise Interrupted("SIGTERM")
-            if self.recycle_now():
-                return
             trials = self.study.get_trials(deepcopy=False)
+            if self.recycle_now():
+                # Queue what comes next before this process restarts, so that the next one finds it.
+                if not any(t.state in (WAITING, RUNNING) for t in trials) and count_trials(trials) >= int(
+                        self.settings.n_trials):
+                    self._more_to_do()
+                return
             if any(t.state == WAITING for t in trials):
                 continue  # queued cells, repeats, or a lost trial queued again: take them
             if count_trials(trials) < int(self.settings.n_trials) and not self.settings.timeout:
@@ -250,7 +254,8 @@ def apply_plan(sweep: Sweep, study: optuna.Study) -> None:
             stored = record.read_study(study).plan
             if stored is None:
                 say(f"Timing each configuration for sweep.budget={settings.budget} ...")
-                from cnnexp.run import DatasetMemo, prepare as load
+                from cnnexp.run import DatasetMemo
+                from cnnexp.run import prepare as load
 
                 _, data = load(sweep.base, validated=True)
                 full = len(data.y_train) + len(data.y_val) * (not data.shared_eval)
@@ -301,7 +306,7 @@ def attach_study_run(sweep: Sweep, study: optuna.Study) -> runs.Run:
                                          str(settings.direction))
             if url:  # the page that opens this study's runs, for the report and the terminal
                 record.write_study(study, mlflow_ui_url=url)
-        record.write_study(study, metric=str(settings.metric))
+        record.write_study(study, metric=str(settings.metric), answers=OmegaConf.to_container(sweep.answers))
     return parent
 
 

@@ -26,7 +26,7 @@ from cnnexp.console import say
 from cnnexp.errors import CnnexpError
 from cnnexp.run import DatasetMemo, RunResult, run
 from cnnexp.sweep.space import Sweep, suggest, trial_overrides
-from cnnexp.sweep.study import LOST, assign_seed, best_trial, checkpoint_root
+from cnnexp.sweep.study import LOST, assign_seed, checkpoint_root
 from cnnexp.tracking import runs, store, views
 
 # Set by SIGTERM (scancel, Kubernetes). Raising from the signal handler can land inside library
@@ -171,6 +171,7 @@ class Objective:
             key, retry_of = uuid.uuid4().hex[:12], None
             record.write(trial, mlflow_run_id=None)
         record.write(trial, trial_key=key, overrides=overrides, command=overrides_to_command(overrides),
+                     predicted_s=self._predicted(values),
                      worker=f"{socket.gethostname()}:{os.getpid()}:{os.environ.get('CNNEXP_WORKER', '0')}")
         name = f"t{facts.repeat_of} repeat seed {seed}" if facts.repeat_of is not None else \
             f"t{trial.number} {describe(values)}"
@@ -179,6 +180,19 @@ class Objective:
                 else plain + (f", seed {seed}" if seed != wanted else ""))
         say(f"trial {trial.number}: {what}" + (f" — resuming trial {retry_of}" if retry_of is not None else ""))
         return Attempt(values, overrides, seed, key, retry_of, facts.repeat_of, name)
+
+    def _predicted(self, values: dict) -> float | None:
+        """The planner's prediction of this trial's seconds (recorded, so the report can say how good it was)."""
+        plan = record.read_study(self.study).plan
+        if not plan:
+            return None
+        from cnnexp.stats.settle import cell_key
+        from cnnexp.sweep.budget import Plan
+
+        try:
+            return round(Plan(**plan).predict(cell_key(values) if self.sweep.design is not None else "base"), 1)
+        except KeyError:
+            return None
 
     def _child_run(self, trial: optuna.Trial, attempt: Attempt) -> runs.Run:
         run_id = record.read_trial(self.study.get_trials(deepcopy=False)[trial.number]).mlflow_run_id
@@ -238,7 +252,8 @@ class Objective:
                      epochs_trained_here=int(metrics["epochs_run"]) - result.resumed_from_epoch,
                      resumed_from_epoch=result.resumed_from_epoch or None, train_images=result.train_images,
                      updates=result.updates, epoch_seconds=[round(s, 3) for s in result.history.get("epoch_seconds", [])],
-                     eval_images=result.eval_images, flag="; ".join(result.warnings) or None,
+                     eval_images=result.eval_images, test_images=result.test_images,
+                     num_classes=result.num_classes, flag="; ".join(result.warnings) or None,
                      dataset_note=result.dataset_note or None, checkpoint_error=result.checkpoint_error)
         child.set_tags({"optuna.trial_state": "COMPLETE"})
         log_models = str(self.settings.log_models)
@@ -257,7 +272,7 @@ class Objective:
         main = self.sweep.design.main if self.sweep.design is not None else None
         if main is not None and trial.params.get("task") != main:
             return False
-        best = best_trial(self.study, main)
+        best = record.best_trial(self.study, main)
         if best is None or best.number == trial.number:
             return True
         maximize = self.study.direction == optuna.study.StudyDirection.MAXIMIZE

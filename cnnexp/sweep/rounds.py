@@ -40,8 +40,10 @@ def _cells(main, measured, curve, plan: Plan, ratio: float) -> dict[str, Cell]:
         groups.append((gains, "gain"))
     variances = []
     for runs, column in groups:
-        usable = runs[~runs["failed"].fillna(False).astype(bool)] if len(runs) else runs
-        for cell, values in usable.groupby("cell")[column]:
+        if not len(runs):
+            continue
+        for cell, group in runs.groupby("cell"):
+            values = group.loc[~group["failed"].fillna(False).astype(bool), column]
             var = float(values.var(ddof=1)) if len(values) > 1 else math.nan
             variances.append(var)
             state[cell] = Cell(n=len(values), variance=var, seconds=_seconds(plan, cell, ratio))
@@ -77,12 +79,12 @@ def advance(study: optuna.Study, sweep: Sweep, plan: Plan | None) -> bool:
         looks, alpha, precision = int(answers.looks), float(answers.alpha), float(answers.precision)
         tabled = tables(records, design)
         final = plan is None or current >= looks
-        seen = look(*tabled, design["base_epochs"], spend(current, looks, alpha, final), precision)
+        seen = look(*tabled, design, spend(current, looks, alpha, final), precision)
         add = {} if final or not seen.needs else allocate(
             seen.needs, _cells(*tabled, plan, ratio), left / max(1, looks - current))
         if not final and seen.needs and not add:  # the budget is spent: this look is the last, it spends the rest
             final = True
-            seen = look(*tabled, design["base_epochs"], spend(current, looks, alpha, True), precision)
+            seen = look(*tabled, design, spend(current, looks, alpha, True), precision)
         _record(study, facts, current, seen, final or not seen.needs, spent, left, ratio)
         _queue(study, sweep, add, current + 1)
     return bool(add)

@@ -257,13 +257,3 @@ def checkpoint_root(settings) -> Path:
         return Path(os.path.expanduser(str(settings.checkpoint_dir))) / str(settings.study_name)
     path = storage_file(str(settings.storage))
     return (path.parent if path else Path(str(settings.output_dir))) / "checkpoints" / str(settings.study_name)
-
-
-def best_trial(study: optuna.Study, main_task: str | None = None) -> optuna.trial.FrozenTrial | None:
-    """The best complete trial (of a design's main task: an arm scores another task); None when none completed."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if main_task is None or t.params.get("task") == main_task]
-    if not done:
-        return None
-    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    return pick(done, key=lambda t: t.value)

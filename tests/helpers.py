@@ -1,0 +1,56 @@
+"""Helpers shared by the test modules: tiny real sweeps with every store under a temporary folder."""
+
+from __future__ import annotations
+
+import yaml
+from mlflow import MlflowClient
+
+from cnnexp.sweep import study
+from tests.conftest import CIFAR_JPEG, tracking_overrides
+
+# Adam learns 1,000 CIFAR-10 images to ~20% test accuracy in 2 epochs at quarter width: clearly above chance.
+TINY = ["dataset=folder", f"dataset.path={CIFAR_JPEG}", "dataset.train_limit=1000", "dataset.test_limit=300",
+        "+width=0.25", "train.epochs=2", "train.optimizer=adam"]
+
+
+def write_sweep(tmp_path, params, settings=None, overrides=(), name="tiny"):
+    """A sweep YAML on a tiny real subset, with every store and output under tmp_path."""
+    doc = {
+        "overrides": [*TINY, *tracking_overrides(tmp_path), *overrides],
+        "sweep": {"n_trials": 3, "storage": f"sqlite:///{tmp_path / 'studies.db'}",
+                  "output_dir": str(tmp_path / "out"), "estimate": False, "system_metrics": False,
+                  "sampler": {"name": "tpe", "seed": 0}, **(settings or {})},
+        "params": params,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def mlflow_runs(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnnexp")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    parents = [r for r in runs if r.data.tags.get("cnnexp.role") == "study"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def states(s):
+    return [t.state.name for t in sorted(s.trials, key=lambda t: t.number)]
+
+
+def config_seeds(s):
+    """(configuration, seed) of every trial that finished training: no pair may appear twice.
+
+    An attempt that was interrupted and retried is the same training continued, with its seed.
+    """
+    return [(study.config_key(t.params), t.user_attrs["seed"]) for t in s.trials
+            if "seed" in t.user_attrs and t.state.name == "COMPLETE"]
+
+
+def finish(s, result) -> int:
+    """What the sweep CLI does after the last trial: the report, then the parent run ended."""
+    from cnnexp.sweep.__main__ import report
+
+    return report(s, result)
