@@ -98,7 +98,7 @@ def _blocks(data: pd.DataFrame, cells: np.ndarray, seed_column: str | None) -> l
 def _prior(variances: np.ndarray, dfs: np.ndarray) -> tuple[float, float]:
     """(s0^2, d0) of the scaled inverse chi-square the cells' variances are drawn from (limma's fitFDist)."""
     ok = (dfs > 0.5) & (variances > 0)
-    if ok.sum() < 2:
+    if ok.sum() < 3:  # the spread of fewer variances says nothing of how they differ: pool them
         pooled = float(np.sum(variances * dfs) / np.sum(dfs)) if dfs.sum() > 0 else float("nan")
         return pooled, float("inf")
     d, s2 = dfs[ok], variances[ok]
@@ -154,7 +154,8 @@ def fit(data: pd.DataFrame, params: list[str], kinds: dict[str, str], metric: st
     cell_df = np.minimum(dfs + (prior_df if math.isfinite(prior_df) else residual_df), residual_df)
     # Never below the configuration's own estimate: shrinking a noisy cell's variance down to the others'
     # would call its noise an effect (measured: 16% false effects with one cell 3x noisier, 3 seeds each).
-    own = variances > moderated
+    # (A cell of one or two runs has too few degrees of freedom for its own estimate to mean anything.)
+    own = (variances > moderated) & (dfs >= 1.5)
     moderated, cell_df = np.where(own, variances, moderated), np.where(own, np.maximum(dfs, 1.0), cell_df)
     return Fit(beta=beta, x=x, y=y, xtx_inv=xtx_inv, cells=cells, cell_var=np.maximum(moderated, 1e-12),
                cell_df=np.maximum(cell_df, 1.0), residual_df=residual_df, prior_var=prior_var, prior_df=prior_df,

@@ -71,3 +71,43 @@ def factorial_study(rng: np.random.Generator, design: dict[str, list], effects: 
     table["objective"] = 0.5 + shift + rng.normal(0.0, sigma, len(table))
     table["failed"] = False
     return table
+
+
+def sequential_study(rng: np.random.Generator, levels: dict[str, list], baseline: dict, effects: dict[str, dict],
+                     sigma: float, seeds: int, baseline_seeds: int, precision: float, looks: int = 4,
+                     alpha: float = 0.05, runs_per_round: int = 24) -> dict[str, str]:
+    """A designed study settled in rounds, as `make sweep` runs it: each question's verdict over all its looks.
+
+    Every look answers with its share of the error rate (`sequential.spend`); unsettled questions get
+    `runs_per_round` more runs where `sequential.allocate` says (every run costs the same here); a
+    question keeps the first settled verdict it reached.
+    """
+    from cnnexp.stats.sequential import Cell, allocate, spend
+    from cnnexp.stats.settle import look
+
+    design = {"baseline": baseline, "vary": levels, "base_epochs": 0}
+    table = design_study(rng, levels, baseline, effects, sigma, seeds, baseline_seeds)
+    verdicts: dict[str, str] = {}
+    for j in range(1, looks + 1):
+        seen = look(table, {}, None, design, spend(j, looks, alpha, final=j == looks), precision)
+        for name, answer in seen.factors.items():
+            if name not in verdicts and answer.settled():
+                verdicts[name] = answer.verdict
+        needs = [need for need in seen.needs if need.question not in verdicts]
+        if j == looks or not needs:
+            break
+        counts = table["cell"].value_counts()
+        var = table.groupby("cell")["objective"].var().fillna(sigma ** 2)
+        cells = {c: Cell(int(counts[c]), float(var[c]), 1.0) for c in counts.index}
+        add = allocate(needs, cells, float(runs_per_round))
+        starts = {c: int(table.loc[table["cell"] == c, "seed"].max()) + 1 for c in add}
+        for cell, n in add.items():
+            values = dict(part.split("=") for part in cell.split(","))
+            typed = {f: next(v for v in levels[f] if str(v) == values[f]) for f in levels}
+            changed = next(((f, v) for f, v in typed.items() if v != baseline[f]), None)
+            extra = design_study(rng, {f: [typed[f]] for f in levels}, typed, {}, sigma, n,
+                                 first_seed={cell: starts[cell]})
+            shift = effects.get(changed[0], {}).get(changed[1], 0.0) if changed else 0.0
+            extra["objective"] += shift
+            table = pd.concat([table, extra], ignore_index=True)
+    return {name: verdicts.get(name, "not_detected") for name in levels}
