@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from cnnexp import PROJECT_ROOT
 from cnnexp.sweep import engine, study
 from cnnexp.sweep.space import load_sweep
+from tests.helpers import finish
 from tests.test_sweep import config_seeds, mlflow_runs, write_sweep
 
 pytestmark = [pytest.mark.cluster]
@@ -268,7 +269,7 @@ def test_sweep_logs_to_an_mlflow_server_and_survives_its_loss(tmp_path, mlflow_s
                        overrides=["tracking=server", f"tracking.uri={url}"])
     s = load_sweep(str(path))
     study = engine.optimize(s, show_progress=False)
-    assert engine.finish(s, study) == 0
+    assert finish(s, study) == 0
 
     experiment = _rest(url, "experiments/get-by-name", query="?experiment_name=cnnexp")["experiment"]
     runs = _rest(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]

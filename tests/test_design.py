@@ -6,19 +6,27 @@ import yaml
 from cnnexp.errors import ConfigError
 from cnnexp.sweep import budget, engine
 from cnnexp.sweep.design import load_design
+from cnnexp.sweep.settings import parse_budget
 from cnnexp.sweep.space import load_sweep
+from cnnexp.sweep.study import open_study
 from tests.conftest import CIFAR_JPEG
 
 
 def test_the_default_study_asks_all_five_questions():
-    s = load_sweep("seed_questions", ["dataset=folder", f"dataset.path={CIFAR_JPEG}"])
+    s = load_sweep("seed_questions")
     cells = s.design.cells()
     assert {"kernel", "width", "train.batch_size", "task"} == set(s.space)
     assert [c["kernel"] for c in cells if c["task"] == "cifar10" and c["width"] == 0.5
             and c["train.batch_size"] == 100] == [3, 2, 4, 5, 6, 7]  # baseline first, even kernels too
-    assert {"task": "mnist"} in cells and s.settings.n_trials == len(cells) * 3 == 33
-    assert "train.epochs" not in s.space  # epochs come from the learning curves
-    assert s.settings.pruner.name == "none" and budget.parse_budget(s.settings.budget) == 2400
+    assert {"task": "mnist"} in cells and {"task": "epochs_x4"} in cells
+    # The baseline gets about sqrt(9) = 3 times the seeds of the 9 cells compared with it.
+    first = dict((str(c), n) for c, n in s.design.first_round())
+    assert first[str(cells[0])] == 12 and first[str(cells[1])] == 4 and s.settings.n_trials == 12 + 4 * 11
+    # One long arm answers the epochs question (the learning rate is constant), with seeds of its own.
+    assert s.design.arms["epochs_x4"][-2:] == ["train.epochs=16", "train.seed=1000"]
+    assert "train.epochs" not in s.space
+    assert s.settings.pruner.name == "none" and parse_budget(s.settings.budget) == 3000
+    assert s.answers.precision == 0.015
 
 
 def test_data_given_for_the_study_reaches_the_main_task_and_never_an_arm_with_its_own_dataset(tmp_path):
@@ -55,27 +63,30 @@ def test_a_bad_design_is_one_clear_error(design, message):
 
 @pytest.mark.parametrize(("text", "seconds"), [("45m", 2700), ("2h", 7200), ("900s", 900), ("90", 90), (None, None)])
 def test_budgets_are_durations(text, seconds):
-    assert budget.parse_budget(text) == seconds
+    assert parse_budget(text) == seconds
     with pytest.raises(ConfigError, match="sweep.budget='soon'"):
-        budget.parse_budget("soon")
+        parse_budget("soon")
 
 
 def test_the_plan_fits_the_budget_is_printed_first_and_kept_on_resume(tmp_path, monkeypatch, capsys, cifar_jpeg):
-    # A configuration costs 1 ms per image here, whatever it is: the plan's arithmetic is what is tested.
+    # A configuration costs 1 s per trial plus 1 ms per image and epoch here, whatever it is:
+    # the plan's arithmetic is what is tested.
     calls = []
-    monkeypatch.setattr(budget, "seconds_per_image", lambda overrides: calls.append(1) or 1e-3)
+    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None: calls.append(1) or budget.Timing(
+        fixed=1.0, per_image=1e-3, per_epoch=0.0))
     doc = {"overrides": ["dataset=folder", f"dataset.path={cifar_jpeg}", "dataset.train_limit=20000",
                          "train.epochs=2", "tracking=off"],
            "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}, "main": "cifar10"},
+           "answers": {"looks": 1},
            "sweep": {"budget": "2m", "storage": f"sqlite:///{tmp_path / 's.db'}", "output_dir": str(tmp_path / "out")}}
     path = tmp_path / "planned.yaml"
     path.write_text(yaml.safe_dump(doc))
     s = load_sweep(str(path))
-    study = engine.open_study(s.settings, s.space)
+    study = open_study(s.settings, s.space)
     engine.apply_plan(s, study)
     plan = budget.Plan(**study.user_attrs["plan"])
-    # 4 trials x 2 epochs x 0.9 n images x 1 ms x 1.25 + 4 x 3 s <= 120 s  ->  n <= 12,000; steps of 10%
-    assert 0.9 * 12000 <= plan.train_limit <= 12000 and plan.predicted_s <= 120
+    # 2 + 2 trials (the baseline: sqrt(1) x 2) x (1 s + 2 epochs x n x 1 ms) <= 120 s  ->  n <= 14,500
+    assert 0.9 * 14500 <= plan.train_limit <= 14500 and plan.first_round_s <= 120 and len(calls) == 2
     assert plan.train_limit < plan.full_train == 20000
     assert s.overrides[-1] == f"dataset.train_limit={plan.train_limit}"
     printed = capsys.readouterr().out
@@ -86,3 +97,16 @@ def test_the_plan_fits_the_budget_is_printed_first_and_kept_on_resume(tmp_path, 
     engine.apply_plan(resumed, study)
     assert not calls and resumed.overrides[-1] == f"dataset.train_limit={plan.train_limit}"
     assert engine.enqueue_design(study, s) == 4 and engine.enqueue_design(study, s) == 0  # idempotent
+
+
+@pytest.mark.parametrize("budget_text", ["1s", "20s"])
+def test_a_budget_too_small_for_the_study_says_the_smallest_that_fits(tmp_path, monkeypatch, budget_text, cifar_jpeg):
+    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None: budget.Timing(5.0, 1e-3, 0.0))
+    doc = {"overrides": ["dataset=folder", f"dataset.path={cifar_jpeg}", "tracking=off"],
+           "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}},
+           "sweep": {"budget": budget_text, "storage": f"sqlite:///{tmp_path / 's.db'}"}}
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    s = load_sweep(str(path))
+    with pytest.raises(ConfigError, match=r"sweep.budget=.* can't fit this study: .* give sweep.budget=\d+m or more"):
+        engine.apply_plan(s, open_study(s.settings, s.space))

@@ -30,6 +30,12 @@ from cnnexp.tracking import views
 from tests.conftest import run_cli
 from tests.test_sweep import mlflow_runs, write_sweep
 
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, on the model-training sidebar."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 pytestmark = pytest.mark.ui
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -131,7 +137,7 @@ def tiny_study(tmp_path_factory, cifar_jpeg):
         env.setenv("MLFLOW_UI_BASE", f"http://127.0.0.1:{port}")
         loaded = load_sweep(str(path))
         study = engine.optimize(loaded, show_progress=False)
-        assert engine.finish(loaded, study, report=False) == 0
+        assert engine.end_parent(study)
     client, parents, children = mlflow_runs(root)
     return SimpleNamespace(root=root, path=path, study=study, port=port, base=f"http://127.0.0.1:{port}",
                            client=client, parent=parents[0], children=children,
@@ -187,10 +193,10 @@ def test_the_recorded_url_opens_the_study_runs_best_first_with_its_columns(tiny_
 def test_run_pages_open_on_their_runs(tiny_study, mlflow_ui, chromium, tmp_path):
     s = tiny_study
     trial = s.study.best_trial
-    child = views.run_url(s.base, s.experiment_id, trial.user_attrs["mlflow_run_id"])
+    child = run_url(s.base, s.experiment_id, trial.user_attrs["mlflow_run_id"])
     text = text_of(browse(child, tmp_path / "child", "--dump-dom"))
     assert f"t{trial.number} k{trial.params['kernel']}" in text and "val_accuracy" in text
-    text = text_of(browse(views.run_url(s.base, s.experiment_id, s.parent.info.run_id), tmp_path / "parent", "--dump-dom"))
+    text = text_of(browse(run_url(s.base, s.experiment_id, s.parent.info.run_id), tmp_path / "parent", "--dump-dom"))
     assert "study tiny" in text
 
 
@@ -236,8 +242,8 @@ def test_screenshots(tiny_study, mlflow_ui, dashboard, chromium, tmp_path):
     studies = get_json(f"{dashboard_base}/api/studies")["study_summaries"]
     pages = {
         "mlflow-study-runs": s.study.user_attrs["mlflow_ui_url"],
-        "mlflow-child-run": views.run_url(s.base, s.experiment_id, s.study.best_trial.user_attrs["mlflow_run_id"]),
-        "mlflow-parent-run": views.run_url(s.base, s.experiment_id, s.parent.info.run_id),
+        "mlflow-child-run": run_url(s.base, s.experiment_id, s.study.best_trial.user_attrs["mlflow_run_id"]),
+        "mlflow-parent-run": run_url(s.base, s.experiment_id, s.parent.info.run_id),
         "dashboard-study": views.dashboard_url(dashboard_base, studies[0]["study_id"]),
     }
     out = PROJECT_ROOT / "outputs" / "ui-screenshots"

@@ -63,10 +63,6 @@ def filtered_runs_url(base: str, experiment_id: str, parent_run_id: str, metric:
     return f"{base}/#/experiments/{experiment_id}/runs?{urlencode(query)}"
 
 
-def run_url(base: str, experiment_id: str, run_id: str) -> str:
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{urlencode(ML_WORKFLOW)}"
-
-
 def dashboard_url(base: str, study_id: int) -> str:
     return f"{base}/dashboard/studies/{study_id}"
 
