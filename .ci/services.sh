@@ -40,7 +40,9 @@ if ! sinfo -h -o %t 2>/dev/null | grep -qE "idle|mix|alloc"; then
   mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
   cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
+# Bind both daemons to their configured (loopback) addresses instead of every interface.
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmUser=root
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
@@ -52,7 +54,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=$host CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
   pgrep -x slurmctld >/dev/null || slurmctld

@@ -12,7 +12,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp import CONF_DIR
+from cnnexp import CONF_DIR, checks
+from cnnexp.data.raw import smallest_limit
 from cnnexp.errors import ConfigError
 from cnnexp.train.options import validate_train_config
 
@@ -75,6 +76,21 @@ def validate_config(cfg: DictConfig) -> None:
             if "." not in key or key.rsplit(".", 1)[0] in known[section]:
                 _unknown(f"{section}.{key}", {f"{section}.{k}" for k in known[section]})
     validate_train_config(cfg.train)
+    validate_dataset_limits(cfg.dataset, float(cfg.train.val_fraction))
+
+
+def validate_dataset_limits(dataset_cfg, val_fraction: float) -> None:
+    """Subset sizes: whole numbers, and (when the class count is known) enough for every class to train and validate."""
+    for key in ("train_limit", "test_limit", "eval_limit"):
+        checks.number(dataset_cfg.get(key), f"dataset.{key}", integer=True, low=1, optional=True)
+    classes, limit = dataset_cfg.get("num_classes"), dataset_cfg.get("train_limit")
+    if classes and limit is not None:
+        smallest = smallest_limit(int(classes), val_fraction, dataset_cfg.get("eval_limit") is not None)
+        if limit < smallest:
+            raise ConfigError(f"dataset.train_limit={limit} can't give each of the {classes} classes a training image"
+                              + ("" if dataset_cfg.get("eval_limit") is not None else
+                                 f" and a validation image (train.val_fraction={val_fraction})")
+                              + f": the smallest dataset.train_limit that works is {smallest}.")
 
 
 def _unknown(key: str, choices: set[str], extra: str = "") -> None:

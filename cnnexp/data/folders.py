@@ -225,6 +225,9 @@ def _decode_one(blob: bytes | str, width: int, height: int, mode: str, max_pixel
         with Image.open(io.BytesIO(blob)) as image:
             if image.width * image.height > max_pixels:  # from the header: nothing decoded yet
                 return f"{image.width}x{image.height} exceeds dataset.max_image_pixels ({max_pixels})"
+            image = _eight_bit(image)
+            if isinstance(image, str):
+                return image
             image = image.convert(mode)
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
@@ -237,6 +240,19 @@ def _decode_one(blob: bytes | str, width: int, height: int, mode: str, max_pixel
         return "not an image Pillow can read"
     except Exception as err:  # truncated or damaged: Pillow raises OSError, ValueError, SyntaxError, ...
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'damaged'}"[:120]
+
+
+def _eight_bit(image: Image.Image) -> Image.Image | str:
+    """16- and 32-bit integer pixels scaled to 8 bits (Pillow's `convert` would clip them to white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image, dtype=np.int64)
+        top = 65535 if image.mode.startswith("I;16") or pixels.max() > 255 else 255
+        if pixels.min() < 0 or pixels.max() > 65535:
+            return f"{image.mode} pixels span {pixels.min()}..{pixels.max()}: not a 16-bit image"
+        return Image.fromarray(np.round(pixels * (255 / top)).astype(np.uint8), "L")
+    if image.mode == "F":
+        return "floating-point pixels (mode F) have no known range"
+    return image
 
 
 def _header_size(blob: bytes) -> tuple[int, int] | None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
+import struct
+import zlib
 import pickle
 import tarfile
 import zipfile
@@ -129,22 +132,43 @@ def read_mnist_npz(source: Path) -> RawDataset:
     )
 
 
+MAX_IDX_BYTES = 256 << 20  # the real MNIST training images are 47 MB; a header asking for more is refused
+IDX_UBYTE = 0x08
+
+
+def read_idx(path: Path, dims: int) -> np.ndarray:
+    """One idx .gz file of unsigned bytes with `dims` dimensions, its header checked before any data is read.
+
+    A gzip bomb (a small file inflating to gigabytes) or a damaged header is a DataError: the size
+    the header declares is checked against MAX_IDX_BYTES, and exactly that many bytes are read.
+    """
+    try:
+        with gzip.open(path, "rb") as handle:
+            header = handle.read(4 + 4 * dims)
+            if len(header) < 4 + 4 * dims or header[:2] != b"\0\0" or header[2] != IDX_UBYTE or header[3] != dims:
+                raise DataError(f"{path} is not an idx file of unsigned bytes with {dims} dimension(s) (its header "
+                                f"starts {header[:4].hex() or 'empty'}).")
+            shape = struct.unpack(f">{dims}I", header[4:])
+            size = math.prod(shape)
+            if size > MAX_IDX_BYTES:
+                raise DataError(f"{path} declares {'x'.join(map(str, shape))} = {size:,} bytes, more than an idx "
+                                f"dataset here may hold ({MAX_IDX_BYTES:,}); it is damaged or malicious.")
+            data = handle.read(size)
+    except FileNotFoundError as err:
+        raise DataError(f"{path.parent} lacks {path.name}.") from err
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path} is a damaged idx .gz file ({err}).") from err
+    if len(data) != size:
+        raise DataError(f"{path} holds {len(data):,} bytes where its header declares {size:,}: it is truncated.")
+    return np.frombuffer(data, np.uint8).reshape(shape)
+
+
 def read_idx_folder(source: Path) -> RawDataset:
     """The four idx .gz files of (Fashion-)MNIST, as Keras stores them."""
-
-    def read(stem: str, offset: int) -> np.ndarray:
-        with gzip.open(source / f"{stem}.gz", "rb") as handle:
-            return np.frombuffer(handle.read(), np.uint8, offset=offset)
-
-    try:
-        x_train = read("train-images-idx3-ubyte", 16).reshape(-1, 28, 28, 1)
-        y_train = read("train-labels-idx1-ubyte", 8).astype(np.int32)
-        x_test = read("t10k-images-idx3-ubyte", 16).reshape(-1, 28, 28, 1)
-        y_test = read("t10k-labels-idx1-ubyte", 8).astype(np.int32)
-    except FileNotFoundError as err:
-        raise DataError(f"{source} lacks {Path(err.filename).name}.") from err
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"{source} holds a damaged idx .gz file ({err}).") from err
+    x_train = read_idx(source / "train-images-idx3-ubyte.gz", 3)[..., None]
+    y_train = read_idx(source / "train-labels-idx1-ubyte.gz", 1).astype(np.int32)
+    x_test = read_idx(source / "t10k-images-idx3-ubyte.gz", 3)[..., None]
+    y_test = read_idx(source / "t10k-labels-idx1-ubyte.gz", 1).astype(np.int32)
     return RawDataset(x_train, y_train, x_test, y_test, list(FASHION_MNIST_CLASSES), "")
 
 
@@ -162,15 +186,8 @@ def read_mnist_idx(source: Path) -> RawDataset:
         raw = read_idx_folder(source)
         raw.class_names = [str(i) for i in range(10)]
         return raw
-    try:
-        with gzip.open(source / T10K_IMAGES, "rb") as handle:
-            x = np.frombuffer(handle.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
-        with gzip.open(source / "t10k-labels-idx1-ubyte.gz", "rb") as handle:
-            y = np.frombuffer(handle.read(), np.uint8, offset=8).astype(np.int32)
-    except FileNotFoundError as err:
-        raise DataError(f"{source} lacks {Path(err.filename).name}.") from err
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"{source} holds a damaged idx .gz file ({err}).") from err
+    x = read_idx(source / T10K_IMAGES, 3)[..., None]
+    y = read_idx(source / "t10k-labels-idx1-ubyte.gz", 1).astype(np.int32)
     if len(x) != len(y):
         raise DataError(f"{source}: {len(x)} images but {len(y)} labels in the t10k files.")
     test = np.zeros(len(y), bool)

@@ -20,7 +20,7 @@ import numpy as np
 from cnnexp.data import folders, formats
 from cnnexp.data.cache import CACHE_VERSION, DecodeCache
 from cnnexp.data.locate import Source, fingerprint_path, locate
-from cnnexp.data.raw import RawDataset, problem, stratified_sample, subset_indices
+from cnnexp.data.raw import RawDataset, problem, smallest_limit, stratified_sample, subset_indices
 from cnnexp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,11 @@ def load_dataset(dataset_cfg, val_fraction: float = 0.1, seed: int = 0) -> Datas
 def _validation_rows(y_train: np.ndarray, val_fraction: float, seed: int, n_classes: int) -> np.ndarray:
     """A stratified, seeded validation split of the training subset, as a mask."""
     n_val = int(round(len(y_train) * val_fraction)) if val_fraction else 0
-    if n_val and (n_val < n_classes or len(y_train) - n_val < n_classes):
+    if val_fraction and (n_val < n_classes or len(y_train) - n_val < n_classes):
         raise DataError(
             f"train.val_fraction={val_fraction} of {len(y_train)} training images leaves too few "
-            f"for a stratified validation split over {n_classes} classes; "
-            "raise dataset.train_limit or train.val_fraction."
+            f"for a stratified validation split over {n_classes} classes: the smallest dataset.train_limit that "
+            f"works is {smallest_limit(n_classes, val_fraction, False)} (or set dataset.eval_limit)."
         )
     is_val = np.zeros(len(y_train), bool)
     if n_val:

@@ -87,6 +87,17 @@ def problem(raw: RawDataset, input_shape: tuple[int, int, int], complete: bool =
     return None
 
 
+def smallest_limit(classes: int, val_fraction: float, shared_eval: bool) -> int:
+    """The smallest `dataset.train_limit` that gives every class a training image and, without a fixed
+    evaluation set, a validation image too (the stratified split takes round(limit x val_fraction))."""
+    if shared_eval or not val_fraction:
+        return classes
+    limit = classes
+    while round(limit * val_fraction) < classes or limit - round(limit * val_fraction) < classes:
+        limit += 1
+    return limit
+
+
 def stratified_sample(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of `n` items drawn at random so that every class keeps its share of `y`."""
     classes, counts = np.unique(y, return_counts=True)

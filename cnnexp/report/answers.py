@@ -180,8 +180,11 @@ def measured_answer(analysis: Analysis, arm: str, interval: Interval, n_test: in
 def regime_line(analysis: Analysis) -> str:
     r = analysis.regime
     baseline = (f"; the baseline scores {pts(r.baseline.estimate, False)}% (n={r.baseline.n})" if r.baseline else "")
-    return (f"Regime: {r.train_images or '?':,} training images per trial, {r.epochs or '?'} epochs, the score measured "
-            f"on {r.eval_images or '?':,} held-out images shared by every trial{baseline}."
+    def count(n):
+        return f"{n:,}" if n else "?"
+
+    return (f"Regime: {count(r.train_images)} training images per trial, {r.epochs or '?'} epochs, the score measured "
+            f"on {count(r.eval_images)} held-out images{' shared by every trial' if analysis.design else ''}{baseline}."
             + (f" Data: {r.note}." if r.note else ""))
 
 

@@ -10,6 +10,7 @@ finished study to `cnnexp.report` (the last stage).
 from __future__ import annotations
 
 import signal
+import warnings
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 
 from cnnexp import record
 from cnnexp.console import say
+from cnnexp.errors import StorageError
 from cnnexp.locks import store_lock
 from cnnexp.paths import check_writable
 from cnnexp.stats.settle import cell_key
@@ -38,11 +40,20 @@ class RecycleProcess(Exception):
 
 
 def preflight(sweep: Sweep) -> None:
-    """Find an unwritable report or checkpoint folder now, not after an hour of training."""
+    """Find an unwritable report folder now, not after an hour of training; an unwritable checkpoint folder is
+    a warning (checkpoints only let a trial resume: the trials go on without)."""
     settings = sweep.settings
     check_writable(check_writable(settings.output_dir, "sweep.output_dir") / str(settings.study_name),
                    "sweep.output_dir")
-    check_writable(checkpoint_root(settings), "sweep.checkpoint_dir")
+    try:
+        check_writable(checkpoint_root(settings), "sweep.checkpoint_dir")
+    except StorageError as err:
+        warnings.warn(f"{err} Trials go on without checkpoints: a killed trial restarts from its first epoch.",
+                      stacklevel=2)
+    if sweep.base.dataset.get("num_classes") is None:  # an image folder: its classes are known once it is listed
+        from cnnexp.run import prepare as load
+
+        load(sweep.base, validated=True)  # a subset too small for its classes fails now, not in every trial
 
 
 def on_sigterm(signum, frame):

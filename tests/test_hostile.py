@@ -1,0 +1,330 @@
+"""Hostile inputs, round 2: each builds its own input and checks what the user sees.
+
+The promises (README, "Security and failure modes"): no code runs from a data file; tracking never
+decides whether training happens; bad input gets one clear line (`error: ...`, exit 2, no
+traceback), is refused before anything is created, and loses nothing already done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+from PIL import Image
+
+from cnnexp.config import compose_config
+from cnnexp.data import load, locate
+from cnnexp.errors import DataError
+from cnnexp.sweep import engine
+from cnnexp.sweep.space import load_sweep
+from cnnexp.sweep.study import open_study
+from tests.conftest import CIFAR_JPEG, run_cli, tracking_overrides
+from tests.helpers import finish, write_sweep
+
+needs_cifar = pytest.mark.skipif(not CIFAR_JPEG.exists(), reason=f"{CIFAR_JPEG} is not there")
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *wanted: str) -> str:
+    """Exit 2, one `error:` line naming what is wrong, no traceback."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for text in wanted:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def sweep_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_cli("cnnexp.sweep", *args, cwd=tmp_path, timeout=600)
+
+
+@contextlib.contextmanager
+def full_disk(where: Path, size: str = "512k"):
+    """A tiny tmpfs, filled to the last byte (root only; the test is skipped where mounting isn't allowed)."""
+    where.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("can't mount a tmpfs here (needs root)")
+    try:
+        with contextlib.suppress(OSError), open(where / "filler", "wb") as handle:
+            while True:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+# --- 1. study names that would escape the output folder ---------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/abs-escape", "a/b", "..", "x" * 101, "has space"])
+def test_a_study_name_that_is_not_a_safe_folder_name_is_refused_before_anything_is_created(tmp_path, name):
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"})
+    proc = sweep_cli(tmp_path, "--sweep", str(path), f"sweep.study_name={name}")
+    one_line_error(proc, "sweep.study_name=", "may hold only letters, digits")
+    assert not (tmp_path / "studies.db").exists() and not (tmp_path / "out").exists()
+    assert not Path("/tmp/abs-escape").exists() and not (tmp_path.parent.parent / "escape").exists()
+    assert one_line_error(run_cli("cnnexp.report", name, "--storage", f"sqlite:///{tmp_path / 'studies.db'}",
+                                  cwd=tmp_path), "may hold only letters")
+
+
+# --- 2, 3, 6. sweep files and command lines that would fail only after training ---------------------------
+
+@pytest.mark.parametrize(("params", "args", "wanted"), [
+    ({"kernel": "choice()"}, [], "params.kernel='choice()' is not a valid sweep expression"),
+    ({"kernel": "range(5,1)"}, [], "params.kernel='range(5,1)' is empty"),
+    ({"train.lr": "interval(1,0)"}, [], "params.train.lr='interval(1,0)' is empty"),
+    ({"train.lr": "tag(log, interval(0,1))"}, [], "a log interval needs low > 0"),
+    ({"kernel": "choice(3,5)"}, ["sweep.n_trials=abc"], "sweep.n_trials='abc' must be an integer"),
+    ({"kernel": "choice(3,5)"}, ["sweep.n_trials=0"], "sweep.n_trials=0 must be >= 1"),
+    ({"kernel": "choice(3,5)"}, ["sweep.n_trials=-1"], "sweep.n_trials=-1 must be >= 1"),
+    ({"kernel": "choice(3,5)"}, ["kernel=choice(3,"], "command-line override 'kernel=choice(3,' is not valid"),
+    ({"kernel": "choice(3,5)"}, ["sweep.nonsense=1"], "Unknown setting 'sweep.nonsense'"),
+    ({"kernel": "choice(3,5)"}, ["sweep.log_models=some"], "sweep.log_models='some' must be one of best"),
+    ({"kernel": "choice(3,5)"}, ["sweep.budget=soon"], "sweep.budget='soon' must be a positive duration"),
+    ({"kernal": "choice(3,5)"}, [], "Did you mean 'kernel'?"),
+    ({"kernel": "choice(3,0)"}, [], "the trial kernel=0 can't run: +kernel=0 must be >= 1"),
+    ({"kernel": "choice(3,5)"}, ["dataset.train_limit=5"], "the smallest dataset.train_limit that works is 95"),
+])
+def test_a_bad_sweep_is_one_line_before_any_study_exists(tmp_path, params, args, wanted):
+    path = write_sweep(tmp_path, params)
+    one_line_error(sweep_cli(tmp_path, "--sweep", str(path), *args), wanted)
+    if (tmp_path / "studies.db").exists():
+        assert not optuna.get_all_study_names(f"sqlite:///{tmp_path / 'studies.db'}")
+
+
+def test_a_typo_never_leaves_a_study_unusable_the_fixed_file_runs_under_the_same_name(tmp_path):
+    one_line_error(sweep_cli(tmp_path, "--sweep", str(write_sweep(tmp_path, {"kernal": "choice(3,5)"}))))
+    fixed = load_sweep(str(write_sweep(tmp_path, {"kernel": "choice(3,5)"})))
+    assert open_study(fixed.settings, fixed.space, fixed.expressions).trials == []  # nothing was spent
+
+
+# --- 4. the same study name with another search space ------------------------------------------------------
+
+def test_the_same_study_name_with_another_search_space_is_refused_before_the_first_trial(tmp_path):
+    first = load_sweep(str(write_sweep(tmp_path, {"kernel": "choice(3,5)"})))
+    open_study(first.settings, first.space, first.expressions)
+    proc = sweep_cli(tmp_path, "--sweep", str(write_sweep(tmp_path, {"kernel": "choice(2,7)"})))
+    one_line_error(proc, "The study 'tiny' exists in", "another search space (kernel: choice(3,5))",
+                   "sweep.study_name=tiny-2")
+
+
+# --- 5. budgets that can't fit -----------------------------------------------------------------------------
+
+@needs_cifar
+def test_a_budget_that_cannot_fit_says_the_smallest_that_would(tmp_path):
+    tree = tmp_path / "tiny-tree"
+    for split, count in (("train", 10), ("test", 4)):
+        for label in ("a", "b"):
+            (tree / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (32, 32), (i * 20, 0, 0) if label == "a" else (0, 0, i * 20)).save(
+                    tree / split / label / f"{i}.png")
+    doc = {"overrides": ["dataset=folder", f"dataset.path={tree}", "model.layers.8.units=2", "train.batch_size=100",
+                         *tracking_overrides(tmp_path)],
+           "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}},
+           "sweep": {"budget": "1s", "storage": f"sqlite:///{tmp_path / 'studies.db'}", "output_dir": str(tmp_path / "o")}}
+    (tmp_path / "budget.yaml").write_text(yaml.safe_dump(doc))
+    one_line_error(sweep_cli(tmp_path, "--sweep", str(tmp_path / "budget.yaml")), "can't fit this study",
+                   "give sweep.budget=")
+
+
+# --- 7, 8. values a single run would choke on ------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "wanted"), [
+    (["+width=nan"], "+width=nan must be a finite number"), (["+width=inf"], "+width=inf must be a finite number"),
+    (["+kernel=2.5"], "+kernel=2.5 must be an integer"),
+    (["dataset.train_limit=5"], "the smallest dataset.train_limit that works is 95"),
+    (["dataset.train_limit=5", "dataset.eval_limit=100"], "the smallest dataset.train_limit that works is 10"),
+    (["train.schedule.name=cyclic"], "train.schedule.name='cyclic' must be one of"),
+])
+def test_a_bad_value_for_one_run_is_one_line(tmp_path, args, wanted):
+    one_line_error(run_cli("cnnexp.run", *args, cwd=tmp_path), wanted)
+
+
+def test_a_folder_subset_too_small_for_its_classes_says_the_smallest_that_works(tmp_path):
+    tree = tmp_path / "t"
+    for label in "abc":
+        (tree / label).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tree / label / f"{i}.png")
+    cfg = compose_config(["dataset=folder", f"dataset.path={tree}", "dataset.train_limit=10",
+                          f"dataset.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(DataError, match="the smallest dataset.train_limit that works is 26"):
+        load.load_dataset(cfg.dataset, 0.1)
+
+
+# --- 9, 10, 11. image trees: 16-bit pixels, a changed structure under a warm cache, links out of the tree ----
+
+def _png16(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_grayscale_png_is_scaled_not_clipped_to_white(tmp_path):
+    tree = tmp_path / "gray"
+    for label, level in (("dark", 2000), ("light", 60000)):
+        (tree / label).mkdir(parents=True)
+        for i in range(5):
+            (tree / label / f"{i}.png").write_bytes(_png16(np.full((8, 8), level + i)))
+    raw = load.load_raw(compose_config(["dataset=folder", f"dataset.path={tree}", "dataset.input_shape=[8,8,1]",
+                                        f"dataset.cache_dir={tmp_path / 'c'}", "model=mnist_cnn"]).dataset)
+    pixels = np.concatenate([raw.x_train, raw.x_test])
+    labels = np.concatenate([raw.y_train, raw.y_test])
+    assert pixels[labels == 0].max() < 20 and pixels[labels == 1].min() > 220  # 2000/257 ~ 8, 60000/257 ~ 233
+
+
+def _tree(root: Path) -> Path:
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 30, 10, 10)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_an_empty_class_folder_added_under_a_warm_cache_is_refused_as_when_cold(tmp_path):
+    tree = _tree(tmp_path / "pets")
+    cfg = compose_config(["dataset=folder", f"dataset.path={tree}", f"dataset.cache_dir={tmp_path / 'c'}"]).dataset
+    assert load.load_raw(cfg).class_names == ["cat", "dog"]  # the listing is cached now
+    (tree / "zebra").mkdir()
+    with pytest.raises(DataError, match=r"Class folder .*zebra/ holds no images"):
+        load.load_raw(cfg)
+
+
+def test_links_are_never_followed_not_even_to_fingerprint(tmp_path):
+    tree = _tree(tmp_path / "pets")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret" * 1000)
+    (tree / "cat" / "link.png").symlink_to(outside)
+    before = locate.fingerprint_path(tree)
+    outside.write_bytes(b"changed" * 2000)  # the target changes; the tree does not
+    assert locate.fingerprint_path(tree) == before
+    (tree / "cat" / "link.png").unlink()
+    (tree / "cat" / "link.png").symlink_to(tmp_path / "elsewhere")  # the link itself changes: so does the tree
+    assert locate.fingerprint_path(tree) != before
+    raw = load.load_raw(compose_config(["dataset=folder", f"dataset.path={tree}",
+                                        f"dataset.cache_dir={tmp_path / 'c'}", "dataset.max_bad_fraction=0.5"]).dataset)
+    assert "cat/link.png" in next(iter(raw.skipped)) and "not a regular file" in next(iter(raw.skipped.values()))
+
+
+# --- 12. an IDX gzip bomb --------------------------------------------------------------------------------------
+
+def test_an_idx_file_that_declares_gigabytes_is_refused_from_its_header(tmp_path):
+    folder = tmp_path / "mnist-t10k"
+    folder.mkdir()
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb") as handle:  # 10 million 28x28 images, declared
+        handle.write(struct.pack(">BBBBIII", 0, 0, 8, 3, 10_000_000, 28, 28) + b"\0" * 1_000_000)
+    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "wb") as handle:
+        handle.write(struct.pack(">BBBBI", 0, 0, 8, 1, 10) + bytes(10))
+    cfg = compose_config(["dataset=mnist", f"dataset.path={folder}", f"dataset.cache_dir={tmp_path / 'c'}",
+                          "model=mnist_cnn"]).dataset
+    with pytest.raises(DataError, match=r"declares 10000000x28x28 = 7,840,000,000 bytes"):
+        load.load_raw(cfg)
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb") as handle:  # a header that isn't one
+        handle.write(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(DataError, match="is not an idx file of unsigned bytes"):
+        load.load_raw(cfg)
+
+
+# --- 13, 14. full disks under the checkpoints and the MLflow artifacts ----------------------------------------
+
+@needs_cifar
+def test_a_checkpoint_folder_on_a_full_disk_costs_a_warning_not_the_trial(tmp_path):
+    with full_disk(tmp_path / "full") as disk:
+        path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"n_trials": 1, "checkpoint_dir": str(disk)})
+        s = load_sweep(str(path))
+        with pytest.warns(UserWarning, match="checkpoint could not be written"):
+            study = engine.optimize(s, show_progress=False)
+        (trial,) = study.trials
+        assert trial.state.name == "COMPLETE" and trial.value > 0.12
+        assert "OSError" in trial.user_attrs["checkpoint_error"] or "No space" in trial.user_attrs["checkpoint_error"]
+
+
+@needs_cifar
+def test_an_artifact_store_on_a_full_disk_never_leaves_a_run_running_or_fails_a_finished_one(tmp_path):
+    with full_disk(tmp_path / "full") as disk:
+        path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"n_trials": 2, "sampler": {"name": "grid"}},
+                           overrides=[f"tracking.artifact_root={disk / 'mlartifacts'}"])
+        s = load_sweep(str(path))
+        with pytest.warns(UserWarning, match="MLflow"):
+            study = engine.optimize(s, show_progress=False)
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+        finish(s, study)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnnexp").experiment_id])
+    assert {r.info.status for r in runs} == {"FINISHED"}  # the parent too: never RUNNING, never FAILED
+    assert any("cnnexp.tracking_error" in r.data.tags for r in runs)  # what could not be logged is said
+
+
+# --- 15. SIGTERM while the report is written ------------------------------------------------------------------
+
+@needs_cifar
+def test_an_interrupted_report_ends_the_parent_run_and_leaves_no_half_report(tmp_path, monkeypatch, capsys):
+    from cnnexp.report import write as writer
+    from cnnexp.sweep.__main__ import report
+
+    path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"n_trials": 1})
+    s = load_sweep(str(path))
+    study = engine.optimize(s, show_progress=False)
+    assert report(s, study) == 0
+    out = tmp_path / "out" / "tiny"
+    complete = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def interrupted(*args, **kwargs):  # SIGTERM lands while the plots are drawn: our handler raises
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(writer, "plot_all", interrupted)
+    assert report(s, study) == 130
+    assert "interrupted while writing the report" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == complete  # the previous report, whole
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no half-written folder left
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "KILLED"
+
+
+# --- 16, 17. study storages that are damaged, foreign, or on a full disk ------------------------------------
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
+def test_a_damaged_or_foreign_storage_is_one_line_and_never_written_to(tmp_path, damage):
+    db = tmp_path / "studies.db"
+    if damage == "garbage":
+        db.write_bytes(os.urandom(8192))
+    else:
+        import sqlite3
+
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE notes (text)" if damage == "foreign" else "CREATE TABLE studies (x)")
+            con.executemany("INSERT INTO " + ("notes" if damage == "foreign" else "studies") + " VALUES (?)",
+                            [("x" * 500,)] * 200)
+        if damage == "truncated":
+            db.write_bytes(db.read_bytes()[:5000])
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"})
+    one_line_error(sweep_cli(tmp_path, "--sweep", str(path)), f"{db}")
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+def test_a_storage_on_a_full_disk_is_one_line(tmp_path):
+    with full_disk(tmp_path / "full") as disk:
+        path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"storage": f"sqlite:///{disk / 'studies.db'}"})
+        one_line_error(sweep_cli(tmp_path, "--sweep", str(path)), "sweep.storage")
+
+
+def test_sweep_settings_from_the_file_are_checked_like_the_command_line(tmp_path):
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"grace_period": 5, "heartbeat_interval": 10})
+    one_line_error(sweep_cli(tmp_path, "--sweep", str(path)), "sweep.grace_period=5 must be >= 11")
+    assert OmegaConf.is_config(load_sweep(str(write_sweep(tmp_path, {"kernel": "choice(3,5)"}))).settings)
