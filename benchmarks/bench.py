@@ -1,7 +1,9 @@
 """Benchmarks, side by side in one process: `make bench` (or `python benchmarks/bench.py [--data PATH] [--tiny]`).
 
-0. time to answer: the designed study of the notebook's questions against a naive full-fidelity
-   grid of the same cells (benchmarks/time_to_answer.py): compute, wall time, verdicts;
+0. time to answer: our sequential designed study, the notebook's full-fidelity grid and TPE, each
+   scored against a stored high-fidelity reference (benchmarks/time_to_answer.py);
+0b. the fast preset's time to 85% and to 90% on full CIFAR-10, with its accuracy-against-time curve
+   (benchmarks/fast_preset.py);
 
 1. training throughput: a bare `model.fit` on NumPy arrays (the notebook) vs `cnnexp.run`
    with MLflow on, and each training option on its own;
@@ -32,8 +34,8 @@ from cnnexp import runtime
 from cnnexp.data.locate import SHARED, shared_data_dir
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling module
-from time_to_answer import bench_time_to_answer  # noqa: E402
-from time_to_answer import to_markdown as time_to_answer_markdown  # noqa: E402
+import fast_preset  # noqa: E402
+import time_to_answer  # noqa: E402
 
 # The CIFAR-10 image-folder archive (or folder) to measure on: --data, else the shared copy that every
 # entry point finds (cnnexp.data.locate: $CNNEXP_SHARED_DATA, default ../shared/data).
@@ -49,11 +51,10 @@ SIZES = {  # (train images, test images, epochs, repeats, width, trials for the 
 
 LONG = ("memory", "workers")  # behind --full (make bench FULL=1): tens of minutes on 2 cores
 # Minutes each part takes on the 2-core CPU these were measured on, printed before it starts.
-EXPECTED = {"tiny": {"time_to_answer": 2, "throughput": 1, "trial_overhead": 1, "pruning": 1, "memory": 1,
-                     "workers": 2, "data": 1},
-            "default": {"time_to_answer": 4, "throughput": 5, "trial_overhead": 1, "pruning": 2, "data": 1},
-            "full": {"time_to_answer": 40, "throughput": 5, "trial_overhead": 1, "pruning": 2, "memory": 8,
-                     "workers": 6, "data": 1}}
+EXPECTED = {"tiny": {"time_to_answer": 3, "fast_preset": 1, "throughput": 1, "trial_overhead": 1, "pruning": 1,
+                     "memory": 1, "workers": 2, "data": 1},
+            "full": {"time_to_answer": 25, "fast_preset": 45, "throughput": 5, "trial_overhead": 1, "pruning": 2,
+                     "memory": 8, "workers": 6, "data": 1}}
 
 
 def rss_mb() -> float:
@@ -316,7 +317,9 @@ def to_markdown(report: dict) -> str:
     lines = ["# cnnexp benchmarks", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()),
              f"Size: {report['size']}", ""]
     if "time_to_answer" in report:
-        lines += [*time_to_answer_markdown(report["time_to_answer"]), ""]
+        lines += [*time_to_answer.to_markdown(report["time_to_answer"]), ""]
+    if "fast_preset" in report:
+        lines += [*fast_preset.to_markdown(report["fast_preset"]), ""]
     t = report["throughput"]
     lines += ["## 1. Training throughput (images/s, median of repeats; target: cnnexp.run >= 1.0x bare)", "",
               "| variant | images/s | ratio vs bare | runs |", "|---|---:|---:|---|"]
@@ -358,14 +361,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED_CIFAR,
                         help="the CIFAR-10 image-folder archive or folder (default: the shared copy)")
-    parser.add_argument("--mnist", type=Path, default=None,
-                        help="the MNIST idx folder for the time-to-answer part (default: mnist-t10k beside --data)")
     parser.add_argument("--full", action="store_true",
-                        help="also the long parts: memory soak, local workers, time to answer at full scale")
+                        help="also the long parts: memory soak and local workers")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long configuration (for tests)")
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--only", nargs="*",
-                        choices=["throughput", "trial_overhead", "pruning", "memory", "workers", "data"])
+                        choices=["time_to_answer", "fast_preset", "throughput", "trial_overhead", "pruning", "memory",
+                                 "workers", "data"])
     args = parser.parse_args(argv)
     SHARED_CIFAR = args.data.resolve()
     if not SHARED_CIFAR.exists():
@@ -376,20 +378,22 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "size": "tiny" if args.tiny else "full"}
-    mnist = (args.mnist or SHARED_CIFAR.parent / "mnist-t10k").resolve()
-    answer_scale = "tiny" if args.tiny else ("full" if args.full else "default")
-    parts = {"time_to_answer": lambda size, folder: bench_time_to_answer(answer_scale, folder, SHARED_CIFAR, mnist),
+    scale = "tiny" if args.tiny else "full"
+    parts = {"time_to_answer": lambda size, folder: time_to_answer.bench_time_to_answer(folder, tiny=args.tiny),
+             "fast_preset": lambda size, folder: fast_preset.bench_fast_preset(folder, tiny=args.tiny),
              "throughput": bench_throughput, "trial_overhead": bench_trial_overhead, "pruning": bench_pruning,
              "memory": bench_memory, "workers": bench_workers, "data": bench_data}
     with tempfile.TemporaryDirectory(prefix="cnnexp-bench-") as tmp:
         for name, fn in parts.items():
             if (args.only and name not in args.only) or (name in LONG and not (args.full or args.only)):
                 continue
-            print(f"{name}: running (about {EXPECTED[answer_scale].get(name, '?')} min here) ...", flush=True)
+            print(f"{name}: running (about {EXPECTED[scale].get(name, '?')} min here) ...", flush=True)
             began = time.perf_counter()
             folder = Path(tmp) / name
             folder.mkdir()
             report[name] = fn(size, folder)
+            if name == "fast_preset":
+                fast_preset.plot(report[name], out / "fast_preset.png")
             print(f"{name}: {json.dumps(report[name])} ({time.perf_counter() - began:.0f} s)", flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if not args.only:

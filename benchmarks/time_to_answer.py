@@ -1,116 +1,148 @@
-"""Time to answer: the designed, budgeted study against a naive full-fidelity grid of the same questions.
+"""Time to answer: three ways to answer the same questions, each scored against a high-fidelity reference.
 
-The naive grid is what the notebook would do: every configuration trained on the whole (larger)
-training set, and the epochs question answered by separate runs with 1, 2, ..., E epochs. Ours
-trains every cell once on a smaller set and reads the epochs question off the learning curves.
-Both have the same cells and seeds, so the verdicts can be compared question by question.
+The questions: kernel 3 or 5, width 0.25 or 0.5, batch 100 or 256, one factor at a time around a
+quarter-width notebook model on CIFAR-10. The reference answers them once with more images, more
+epochs and more seeds (`python benchmarks/time_to_answer.py --reference`, about 25 minutes here; its
+result is stored in `benchmarks/reference/time_to_answer.json`). Then, side by side:
+
+(a) ours: the designed study in our regime (fewer images and epochs), settled in rounds of seeds
+    within a budget (`sweep.budget`, `answers.looks`);
+(b) the notebook's way: the reference's fidelity, a fixed number of seeds per cell, one look;
+(c) Optuna's TPE over the same values with (a)'s wall time, then the same report.
+
+Every side counts every trial's images (epochs x images per epoch), its wall time, and whether each
+verdict equals the reference's. No ratio is an input: each side stops by its own rule.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import yaml
 
-SCALES = {  # images of the main task per trial: ours (budgeted) and the naive grid
-    "tiny": {"ours": 1000, "naive": 2000, "epochs": 2, "seeds": 2, "width": 0.125, "kernel": [3, 5],
-             "batch": [100, 256], "mnist": 1000},
-    "default": {"ours": 2000, "naive": 8000, "epochs": 3, "seeds": 2, "width": 0.25, "kernel": [3, 5],
-                "batch": [100, 256], "mnist": 2000},
-    "full": {"ours": 4000, "naive": 20000, "epochs": 4, "seeds": 3, "width": 0.25, "kernel": [2, 3, 5, 7],
-             "batch": [32, 100, 256], "mnist": 8000},
+REFERENCE = Path(__file__).parent / "reference" / "time_to_answer.json"
+QUESTIONS = ["kernel", "width", "train.batch_size"]
+DESIGN = {"baseline": {"kernel": 3, "width": 0.25, "train.batch_size": 100},
+          "vary": {"kernel": [3, 5], "width": [0.25, 0.5], "train.batch_size": [100, 256]}, "main": "cifar10"}
+SIDES = {  # images per trial, epochs, seeds (first round), looks, budget
+    "reference": {"train": 8000, "epochs": 6, "seeds": 8, "looks": 1, "budget": None},
+    "ours": {"train": 2000, "epochs": 3, "seeds": 3, "looks": 4, "budget": "6m"},
+    "grid": {"train": 8000, "epochs": 6, "seeds": 3, "looks": 1, "budget": None},
 }
+TINY = {"reference": {"train": 1000, "epochs": 2, "seeds": 2, "looks": 1, "budget": None},
+        "ours": {"train": 500, "epochs": 2, "seeds": 2, "looks": 2, "budget": "90s"},
+        "grid": {"train": 1000, "epochs": 2, "seeds": 2, "looks": 1, "budget": None}}
 
 
-def design_file(folder: Path, data: Path, scale: dict, naive: bool, mnist: Path) -> Path:
-    """The sweep YAML of one side: the same cells; naive adds the epochs as cells of their own."""
-    epochs = scale["epochs"]
-    vary = {"kernel": scale["kernel"], "train.batch_size": scale["batch"]}
-    if naive:
-        vary["train.epochs"] = list(range(1, epochs + 1))
-    doc = {
-        "overrides": ["dataset=folder", f"dataset.path={data}", f"dataset.train_limit={scale['naive' if naive else 'ours']}",
-                      "dataset.test_limit=1000", f"+width={scale['width']}", f"train.epochs={epochs}",
-                      f"tracking.uri=sqlite:///{folder / 'mlflow.db'}", f"tracking.artifact_root={folder / 'mlartifacts'}",
-                      "tracking.log_model=false"],
-        "design": {"seeds": scale["seeds"], "main": "cifar10",
-                   "baseline": {"kernel": 3, "train.batch_size": 100, **({"train.epochs": epochs} if naive else {})},
-                   "vary": vary,
-                   "arms": {"mnist": ["dataset=mnist", "model=mnist_cnn", f"dataset.path={mnist}",
-                                      f"dataset.train_limit={scale['mnist']}", "dataset.test_limit=1000"]}},
-        "sweep": {"storage": f"sqlite:///{folder / 'studies.db'}", "output_dir": str(folder / "out"),
-                  "study_name": "naive" if naive else "ours", "estimate": False, "system_metrics": False,
-                  "log_models": "none"},
-    }
-    path = folder / f"{doc['sweep']['study_name']}.yaml"
+def _file(folder: Path, name: str, side: dict, tpe: bool = False, timeout: float | None = None) -> Path:
+    doc = {"overrides": [f"dataset.train_limit={side['train']}", "dataset.eval_limit=2000", "dataset.test_limit=1000",
+                         f"train.epochs={side['epochs']}", f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
+                         f"tracking.artifact_root={folder / 'mlartifacts'}", "tracking.log_model=false"],
+           "answers": {"precision": 0.015, "looks": side["looks"]},
+           "sweep": {"storage": f"sqlite:///{folder / 'studies.db'}", "output_dir": str(folder / "out"),
+                     "study_name": name, "estimate": False, "system_metrics": False, "log_models": "none",
+                     **({"budget": side["budget"]} if side["budget"] and not tpe else {})}}
+    if tpe:
+        doc["params"] = {k: f"choice({','.join(map(str, v))})" for k, v in DESIGN["vary"].items()}
+        doc["sweep"] |= {"n_trials": 200, "timeout": timeout, "sampler": {"name": "tpe", "seed": 0}}
+    else:
+        doc["design"] = {**DESIGN, "seeds": side["seeds"]}
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
 
 
 def run_side(path: Path) -> dict:
+    """Run one study to its own end, write its report, and count what it trained."""
+    from cnnexp import record
     from cnnexp.sweep import engine
+    from cnnexp.sweep.__main__ import report
     from cnnexp.sweep.space import load_sweep
 
     began = time.perf_counter()
     loaded = load_sweep(str(path))
     study = engine.optimize(loaded, show_progress=False)
-    engine.finish(loaded, study)
+    report(loaded, study)
     seconds = time.perf_counter() - began
+    records = record.read_trials(study)
     effects = pd.read_csv(Path(str(loaded.settings.output_dir)) / str(loaded.settings.study_name) / "effects.csv")
-    images = 0
-    for t in study.trials:
-        if t.state.name == "COMPLETE":
-            # each trial's training images (validation held out) times its epochs
-            train = int(t.user_attrs.get("train_images", 0)) or _train_images(t)
-            images += train * int(t.user_attrs.get("epochs_run", 0))
-    return {"trials": len(study.trials), "images_trained": images, "wall_seconds": round(seconds, 1),
-            "verdicts": dict(zip(effects["parameter"], effects["verdict"]))}
+    verdicts = {p: v for p, v in zip(effects["parameter"], effects["verdict"]) if p in QUESTIONS}
+    return {"trials": sum(r.complete for r in records), "images_trained": sum(r.images_trained for r in records),
+            "wall_seconds": round(seconds, 1), "verdicts": verdicts,
+            "looks": len(record.read_study(study).rounds) or 1}
 
 
-def _train_images(trial) -> int:
-    """Training images of a trial from its overrides (the last dataset.train_limit wins, 10% is validation)."""
-    limit = None
-    for text in trial.user_attrs.get("overrides", []):
-        if text.startswith("dataset.train_limit="):
-            value = text.split("=", 1)[1]
-            limit = None if value == "null" else int(value)
-    return round(0.9 * (limit or 0))
+def reference(folder: Path, tiny: bool = False) -> dict:
+    """The high-fidelity answers, run once and stored beside the bench."""
+    sides = TINY if tiny else SIDES
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {"design": DESIGN, "fidelity": sides["reference"], **run_side(_file(folder, "reference", sides["reference"]))}
+    if not tiny:
+        REFERENCE.parent.mkdir(exist_ok=True)
+        REFERENCE.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
-def bench_time_to_answer(size: str, tmp: Path, data: Path, mnist: Path) -> dict:
-    """Both studies side by side, one after the other; compute, wall time and the verdicts of each."""
-    scale = SCALES[size]
-    out = {"scale": {k: v for k, v in scale.items()}}
-    for side in ("ours", "naive"):
-        folder = tmp / side
-        folder.mkdir()
-        print(f"time to answer: {side} ({'the naive full-fidelity grid' if side == 'naive' else 'the designed study'}) "
-              f"on {scale[side]} CIFAR-10 images ...", flush=True)
-        out[side] = run_side(design_file(folder, data, scale, side == "naive", mnist))
-    ours, naive = out["ours"], out["naive"]
-    # The naive grid answers epochs with `train.epochs` cells; ours from the learning curves.
-    compared = {p: (ours["verdicts"].get(p), naive["verdicts"].get(p)) for p in naive["verdicts"]}
-    out["agreement"] = {p: {"ours": a, "naive": b, "same": a == b} for p, (a, b) in compared.items()}
-    out["compute_ratio"] = round(naive["images_trained"] / max(1, ours["images_trained"]), 2)
-    out["wall_ratio"] = round(naive["wall_seconds"] / max(1e-9, ours["wall_seconds"]), 2)
+def bench_time_to_answer(tmp: Path, tiny: bool = False) -> dict:
+    """(a), (b) and (c) side by side, one after the other, each scored against the stored reference."""
+    sides = TINY if tiny else SIDES
+    ref = reference(tmp / "reference", tiny=True) if tiny else json.loads(REFERENCE.read_text())
+    out = {"reference": ref}
+    for name, label in (("ours", "(a) ours: designed, sequential seeds"), ("grid", "(b) the notebook's grid")):
+        print(f"time to answer: {label} ...", flush=True)
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+        out[name] = run_side(_file(tmp / name, name, sides[name]))
+    print("time to answer: (c) TPE with the same wall time ...", flush=True)
+    (tmp / "tpe").mkdir(parents=True, exist_ok=True)
+    out["tpe"] = run_side(_file(tmp / "tpe", "tpe", sides["ours"], tpe=True, timeout=out["ours"]["wall_seconds"]))
+    for name in ("ours", "grid", "tpe"):
+        side = out[name]
+        side["agrees"] = {q: side["verdicts"].get(q) == ref["verdicts"].get(q) for q in QUESTIONS}
+        side["agreement"] = f"{sum(side['agrees'].values())}/{len(QUESTIONS)}"
+    out["compute_ratio_grid_over_ours"] = round(out["grid"]["images_trained"] / max(1, out["ours"]["images_trained"]), 2)
+    out["wall_ratio_grid_over_ours"] = round(out["grid"]["wall_seconds"] / max(1e-9, out["ours"]["wall_seconds"]), 2)
     return out
 
 
 def to_markdown(part: dict) -> list[str]:
-    s, o, n = part["scale"], part["ours"], part["naive"]
-    lines = ["## Time to answer: the designed study vs a naive full-fidelity grid (target: >= 5x less compute, "
-             "same verdicts)", "",
-             f"Same cells and seeds ({s['seeds']} per cell: kernel {s['kernel']}, batch {s['batch']}, MNIST CNN); "
-             f"ours trains {s['ours']:,} CIFAR-10 images per trial for {s['epochs']} epochs and reads epochs off the "
-             f"learning curves; the naive grid trains {s['naive']:,} images per trial and runs epochs 1..{s['epochs']} "
-             "as separate trials.", "",
-             "| study | trials | images trained | wall time (s) |", "|---|---:|---:|---:|",
-             f"| ours | {o['trials']} | {o['images_trained']:,} | {o['wall_seconds']} |",
-             f"| naive grid | {n['trials']} | {n['images_trained']:,} | {n['wall_seconds']} |", "",
-             f"Compute: naive / ours = **{part['compute_ratio']}x** images, **{part['wall_ratio']}x** wall time.", "",
-             "| question | ours | naive | same? |", "|---|---|---|---|"]
-    lines += [f"| {p} | {v['ours']} | {v['naive']} | {'yes' if v['same'] else 'no'} |"
-              for p, v in part["agreement"].items()]
+    ref = part["reference"]
+    lines = ["## Time to answer: against a high-fidelity reference (target: (a) reaches the reference's verdicts "
+             "with >= 5x less compute than (b))", "",
+             f"Questions: {', '.join(QUESTIONS)} (one factor at a time around kernel 3, width 0.25, batch 100). "
+             f"Reference: {ref['fidelity']['train']:,} images x {ref['fidelity']['epochs']} epochs, "
+             f"{ref['fidelity']['seeds']}+ seeds per cell: {ref['trials']} trials, {ref['images_trained']:,} images, "
+             f"{ref['wall_seconds'] / 60:.1f} min; verdicts {ref['verdicts']}.", "",
+             "| side | trials | looks | images trained | wall (s) | verdicts | agrees with the reference |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    for name, label in (("ours", "(a) ours"), ("grid", "(b) notebook grid"), ("tpe", "(c) TPE, same time")):
+        s = part[name]
+        lines.append(f"| {label} | {s['trials']} | {s['looks']} | {s['images_trained']:,} | {s['wall_seconds']} | "
+                     f"{s['verdicts']} | {s['agreement']} |")
+    lines += ["", f"Compute: (b) / (a) = **{part['compute_ratio_grid_over_ours']}x** images, "
+              f"**{part['wall_ratio_grid_over_ours']}x** wall time."]
     return lines
+
+
+def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the time-to-answer reference once (stored beside the bench).")
+    parser.add_argument("--reference", action="store_true", required=True)
+    parser.add_argument("--folder", type=Path, default=Path("outputs/bench/reference"))
+    args = parser.parse_args()
+    from cnnexp import runtime
+    from cnnexp.console import setup_logging
+
+    runtime.setup_environment()
+    setup_logging()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(json.dumps(reference(args.folder), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ SHORTCUTS = {
     "kernel": "kernel size of every conv layer",
     "filters": "filters of every conv layer (one value, or a list with one per conv layer)",
     "width": "multiplier on every conv layer's filters",
+    "batchnorm": "false drops every batch normalisation layer (true keeps them)",
 }
 
 

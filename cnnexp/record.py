@@ -24,7 +24,8 @@ class TrialRecord:
     number: int
     state: str                                  # COMPLETE | PRUNED | FAIL | RUNNING | WAITING
     params: dict                                # the searched values (a design's `task` included)
-    value: float | None = None                  # the objective
+    value: float | None = None                  # the objective (a multi-objective study: the first)
+    values: list[float] | None = None           # every objective (multi-objective studies)
     curve: dict[int, float] = field(default_factory=dict)  # epoch (from 1) -> objective
     duration_s: float | None = None
     seed: int | None = None                     # the seed it trained with (a redraw gets the next unused one)
@@ -68,6 +69,11 @@ class TrialRecord:
         """Training images this trial went through (epochs x images per epoch), 0 when unknown."""
         return int((self.train_images or 0) * (self.epochs_run or 0))
 
+    def cost(self, name: str) -> float | None:
+        """A cost by its config name: model.num_params, model.flops_per_image or train_seconds."""
+        return {"model.num_params": self.num_params, "model.flops_per_image": self.flops,
+                "train_seconds": self.train_seconds}[name]
+
     def value_at(self, epoch: int) -> float | None:
         """The objective after `epoch` (from its learning curve)."""
         score = self.curve.get(epoch)
@@ -84,7 +90,8 @@ def read_trial(frozen: optuna.trial.FrozenTrial) -> TrialRecord:
     return TrialRecord(
         number=frozen.number, state=frozen.state.name,
         params=dict(frozen.params) or dict(frozen.system_attrs.get("fixed_params", {})),
-        value=frozen.value if frozen.state == optuna.trial.TrialState.COMPLETE else None,
+        value=frozen.values[0] if frozen.state == optuna.trial.TrialState.COMPLETE and frozen.values else None,
+        values=list(frozen.values) if frozen.state == optuna.trial.TrialState.COMPLETE and frozen.values else None,
         curve={int(k): float(v) for k, v in frozen.intermediate_values.items()},
         duration_s=round(frozen.duration.total_seconds(), 1) if frozen.duration else None,
         retry_of=_RETRY.retried_trial_number(frozen),
@@ -120,7 +127,7 @@ def fixed_params(frozen: optuna.trial.FrozenTrial) -> dict | None:
     return frozen.system_attrs.get("fixed_params")
 
 
-STUDY_KEYS = ("uuid", "metric", "space", "design", "plan", "rounds", "answers", "mlflow_parent_run_id",
+STUDY_KEYS = ("uuid", "metric", "objectives", "constraints", "space", "design", "plan", "rounds", "answers", "champion", "mlflow_parent_run_id",
               "mlflow_tracking_uri", "mlflow_ui_url")
 
 
@@ -137,6 +144,9 @@ class StudyRecord:
     plan: dict | None = None                    # the budget's plan (`budget.Plan`)
     rounds: list[dict] = field(default_factory=list)  # the sequential rounds of seeds, as they were added
     answers: dict | None = None                 # what settles an answer (answers.precision, alpha, looks)
+    champion: dict | None = None                # a multi-objective study's registered champion (trial, version)
+    objectives: list[str] = field(default_factory=list)        # a multi-objective study's metrics, in order
+    constraints: list[list] = field(default_factory=list)      # [cost name, limit]: beyond it a trial is infeasible
     mlflow_parent_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
     mlflow_ui_url: str | None = None
@@ -144,7 +154,7 @@ class StudyRecord:
 
 def read_study(study: optuna.Study) -> StudyRecord:
     attrs = study.user_attrs
-    return StudyRecord(name=study.study_name, direction=study.direction.name.lower(),
+    return StudyRecord(name=study.study_name, direction=study.directions[0].name.lower(),
                        **{key: attrs[key] for key in STUDY_KEYS if attrs.get(key) is not None})
 
 
@@ -169,4 +179,5 @@ def best_trial(study: optuna.Study, main_task: str | None = None) -> optuna.tria
             if main_task is None or t.params.get("task") == main_task]
     if not done:
         return None
-    return (max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min)(done, key=lambda t: t.value)
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    return (max if maximize else min)(done, key=lambda t: t.values[0])

@@ -24,7 +24,7 @@ def _apply(specs: Sequence[LayerSpec], x, padding: str, top: bool):
         elif spec.type == "global_pool":
             x = (k.layers.GlobalMaxPooling2D if spec.kind == "max" else k.layers.GlobalAveragePooling2D)()(x)
         elif spec.type == "batchnorm":
-            x = k.layers.BatchNormalization()(x)
+            x = k.layers.BatchNormalization(momentum=spec.momentum)(x)
         elif spec.type == "activation":
             x = k.layers.Activation(spec.fn)(x)
         elif spec.type == "dropout":

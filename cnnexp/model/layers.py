@@ -5,7 +5,7 @@
 | convolution | `{type: conv, filters: 64, kernel: 3, activation: relu, bias: true}` | `(c, 64, 3)`, `(c, 64, 3, gelu)`, `(c, 64, 3, none, false)` |
 | max / average pooling | `{type: pool, size: 2, kind: max}` | `(m, 2)` max, `(p, 2)` average |
 | global pooling | `{type: global_pool, kind: max}` | `(gm)` max, `(ga)` average |
-| batch normalisation | `{type: batchnorm}` | `(b)` |
+| batch normalisation | `{type: batchnorm, momentum: 0.9}` | `(b)`, `(b, 0.6)` |
 | activation | `{type: activation, fn: gelu}` | `(a, gelu)` |
 | dropout | `{type: dropout, rate: 0.5}` | `(r, 0.5)` |
 | flatten | `{type: flatten}` | `(f, null)` |
@@ -35,7 +35,7 @@ FIELDS = {  # layer type -> {field: default (REQUIRED: must be given)}, in tuple
     "conv": {"filters": "REQUIRED", "kernel": "REQUIRED", "activation": "relu", "bias": True},
     "pool": {"size": "REQUIRED", "kind": "max"},
     "global_pool": {"kind": "max"},
-    "batchnorm": {},
+    "batchnorm": {"momentum": 0.9},  # of the moving statistics; Keras' 0.99 needs ~1,000 steps to settle
     "activation": {"fn": "REQUIRED"},
     "dropout": {"rate": "REQUIRED"},
     "flatten": {},
@@ -56,6 +56,7 @@ class LayerSpec:
     bias: bool | None = None
     kind: str | None = None
     fn: str | None = None
+    momentum: float | None = None
     layers: tuple[LayerSpec, ...] | None = None  # a residual block's inner layers
 
 
@@ -81,7 +82,7 @@ def _fields(spec, key: str) -> tuple[str, dict]:
         if kind not in FIELDS:
             return kind, {}
         names = [n for n in FIELDS.get(kind, {}) if n not in implied]
-        rest = [v for v in rest if v is not None] if kind in ("flatten", "batchnorm", "global_pool") else rest
+        rest = [v for v in rest if v is not None] if kind in ("flatten", "global_pool") else rest
         if len(rest) > len(names):
             raise ModelConfigError(f"{key}: {spec!r} has too many values for a {kind!r} layer (it takes {names}).")
         return kind, {**implied, **dict(zip(names, rest))}
@@ -110,7 +111,7 @@ def _parse_layer(spec, key: str) -> LayerSpec:
 
 
 def _check_field(kind: str, name: str, value, key: str):
-    if name == "rate":
+    if name in ("rate", "momentum"):
         return checks.number(value, key, low=0, high=1, high_open=True)
     if name == "activation":
         return None if value is None else checks.choice(value, key, (*ACTIVATIONS, *(("softmax",) if kind == "dense" else ())))
@@ -136,7 +137,7 @@ def convs(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
     return out
 
 
-def apply_shortcuts(layers: list[LayerSpec], kernel=None, filters=None, width=None) -> list[LayerSpec]:
+def apply_shortcuts(layers: list[LayerSpec], kernel=None, filters=None, width=None, batchnorm=None) -> list[LayerSpec]:
     """Apply the command-line knobs `+kernel`, `+filters` and `+width` to every conv layer (in residual blocks too).
 
     Args:
@@ -144,6 +145,7 @@ def apply_shortcuts(layers: list[LayerSpec], kernel=None, filters=None, width=No
         kernel: one kernel size for every conv layer (`+kernel=7`).
         filters: one filter count for every conv layer, or a list with one per conv layer.
         width: a multiplier on every conv layer's filters (rounded, at least 1).
+        batchnorm: False drops every batch normalisation layer (`+batchnorm=false`, e.g. to search BN on/off).
     """
     count = len(convs(layers))
     if isinstance(filters, (ListConfig, list, tuple)):
@@ -156,6 +158,8 @@ def apply_shortcuts(layers: list[LayerSpec], kernel=None, filters=None, width=No
     try:
         kernel = checks.number(kernel, "+kernel", integer=True, low=1, optional=True)
         width = checks.number(width, "+width", low=0, low_open=True, optional=True)
+        if batchnorm is not None:
+            checks.flag(batchnorm, "+batchnorm")
         for value in filters or []:
             checks.number(value, "+filters", integer=True, low=1)
     except ConfigError as err:
@@ -165,6 +169,8 @@ def apply_shortcuts(layers: list[LayerSpec], kernel=None, filters=None, width=No
     def apply(specs):
         out = []
         for spec in specs:
+            if spec.type == "batchnorm" and batchnorm is False:
+                continue
             if spec.type == "residual":
                 spec = dataclasses.replace(spec, layers=tuple(apply(spec.layers)))
             elif spec.type == "conv":
@@ -179,8 +185,8 @@ def apply_shortcuts(layers: list[LayerSpec], kernel=None, filters=None, width=No
 
 def layers_from_config(cfg) -> list[LayerSpec]:
     """The layers an experiment config describes, with its shortcuts applied."""
-    return apply_shortcuts(parse_layers(cfg.model.layers),
-                           kernel=cfg.get("kernel"), filters=cfg.get("filters"), width=cfg.get("width"))
+    return apply_shortcuts(parse_layers(cfg.model.layers), kernel=cfg.get("kernel"), filters=cfg.get("filters"),
+                           width=cfg.get("width"), batchnorm=cfg.get("batchnorm"))
 
 
 def layers_text(layers: Sequence[LayerSpec]) -> str:
@@ -189,7 +195,7 @@ def layers_text(layers: Sequence[LayerSpec]) -> str:
     def one(s: LayerSpec) -> str:
         extras = ("" if s.activation in (None, "relu", "softmax") else f":{s.activation}") + ("" if s.bias in (None, True) else "-nb")
         return {"conv": lambda: f"c{s.filters}k{s.kernel}{extras}", "pool": lambda: f"{'m' if s.kind == 'max' else 'p'}{s.size}",
-                "global_pool": lambda: f"g{s.kind}", "batchnorm": lambda: "b", "activation": lambda: f"a:{s.fn}",
+                "global_pool": lambda: f"g{s.kind}", "batchnorm": lambda: "b" if s.momentum == 0.9 else f"b{s.momentum}", "activation": lambda: f"a:{s.fn}",
                 "dropout": lambda: f"r{s.rate}", "flatten": lambda: "f", "dense": lambda: f"d{s.units}{extras}",
                 "residual": lambda: f"res[{layers_text(s.layers)}]"}[s.type]()
 

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from cnnexp import record, runtime
 from cnnexp.console import setup_logging
 from cnnexp.errors import CnnexpError
+from cnnexp.report.analysis import analyse
 from cnnexp.report.write import write_report
 from cnnexp.sweep.settings import DEFAULTS, study_name
 from cnnexp.sweep.study import load_study
@@ -20,6 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("study", help="the study name (a sweep's study_name, by default the sweep file's name)")
     parser.add_argument("--storage", default=DEFAULTS["sweep"]["storage"])
     parser.add_argument("--out", default=DEFAULTS["sweep"]["output_dir"])
+    parser.add_argument("--compare", help="another study (same storage): say per question whether its verdict holds "
+                                          "in both regimes, e.g. seed_questions_fast against seed_questions")
     args = parser.parse_args(argv)
     runtime.setup_environment()
     setup_logging()
@@ -28,7 +31,13 @@ def main(argv=None) -> int:
         facts = record.read_study(study)
         settings = OmegaConf.create({"study_name": args.study, "storage": args.storage, "output_dir": args.out})
         answers = OmegaConf.create({**DEFAULTS["answers"], **(facts.answers or {})})
-        print(write_report(study, settings, answers))
+        compare = None
+        if args.compare:
+            other = load_study(study_name(args.compare, "--compare"), args.storage)
+            other_facts = record.read_study(other)
+            compare = (args.compare, analyse(other, record.read_trials(other), other_facts,
+                                             OmegaConf.create({**DEFAULTS["answers"], **(other_facts.answers or {})})))
+        print(write_report(study, settings, answers, compare))
     except CnnexpError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -75,6 +75,10 @@ class Analysis:
     failed: list[TrialRecord] = field(default_factory=list)
     precision: float | None = None
     alpha: float = 0.05
+    objectives: list[tuple[str, str]] = field(default_factory=list)  # (metric, direction), several: accuracy vs cost
+    front: list[TrialRecord] = field(default_factory=list)          # the Pareto front, feasible trials only
+    infeasible: list[int] = field(default_factory=list)             # trials beyond the constraints
+    champion: int | None = None
 
 
 def kinds_of(study: optuna.Study) -> dict[str, str]:
@@ -120,7 +124,22 @@ def analyse(study: optuna.Study, records: list[TrialRecord], facts: StudyRecord,
         _designed(result, records, facts.design, answers_cfg)
     else:
         _searched(result, study, records, precision, alpha)
+    if len(study.directions) > 1:
+        _front(result, study, records, facts)
     return result
+
+
+def _front(result: Analysis, study: optuna.Study, records: list[TrialRecord], facts: StudyRecord) -> None:
+    """Accuracy against cost: the non-dominated complete trials that meet the study's constraints."""
+    directions = [d.name.lower() for d in study.directions]
+    names = (facts.objectives or [facts.metric, *[f"objective {i}" for i in range(1, len(directions))]])
+    result.objectives = list(zip(names, directions))
+    by_number = {r.number: r for r in records}
+    result.infeasible = [r.number for r in records if r.complete and any(
+        (r.cost(name) if r.cost(name) is not None else float("inf")) > limit for name, limit in facts.constraints)]
+    result.front = [by_number[t.number] for t in study.best_trials if t.number not in result.infeasible]
+    result.front.sort(key=lambda r: r.values[0], reverse=directions[0] == "maximize")
+    result.champion = (facts.champion or {}).get("trial")
 
 
 def _by_cell(records: list[TrialRecord]) -> dict[str, list[TrialRecord]]:

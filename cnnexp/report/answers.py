@@ -177,6 +177,23 @@ def measured_answer(analysis: Analysis, arm: str, interval: Interval, n_test: in
             "needs both models on both datasets (a 2x2).")
 
 
+def front_lines(analysis: Analysis) -> list[str]:
+    """Accuracy against cost: the Pareto front, most accurate first, each with its reproduce command."""
+    if not analysis.objectives:
+        return []
+    names = " against ".join(f"{m} ({d})" for m, d in analysis.objectives)
+    lines = [f"## Accuracy against cost: {names}", "",
+             f"The Pareto front: {len(analysis.front)} trials that no other beats on every objective"
+             + (f" (trials {', '.join(map(str, analysis.infeasible))} break the constraints and are left out)"
+                if analysis.infeasible else "") + "; the champion is the most accurate of them.", ""]
+    for r in analysis.front:
+        values = ", ".join(f"{m}={v:.4g}" for (m, _), v in zip(analysis.objectives, r.values or []))
+        star = " **(champion, registered)**" if r.number == analysis.champion else ""
+        lines += [f"- trial {r.number}{star}: {values}; {r.num_params or 0:,} parameters, "
+                  f"{(r.flops or 0) / 1e6:.0f} MFLOPs per image; `{r.command}`"]
+    return [*lines, ""]
+
+
 def regime_line(analysis: Analysis) -> str:
     r = analysis.regime
     baseline = (f"; the baseline scores {pts(r.baseline.estimate, False)}% (n={r.baseline.n})" if r.baseline else "")
@@ -203,7 +220,25 @@ def plain_answers(analysis: Analysis, test_images: dict[str, int]) -> list[str]:
         lines += [epochs_answer(analysis), ""]
     for arm, interval in analysis.measured.items():
         lines += [measured_answer(analysis, arm, interval, test_images.get(arm)), ""]
+    lines += front_lines(analysis)
     return lines
 
 
 __all__ = ["plain_answers", "to_settle", "pts", "label", "critical"]
+
+
+def transfer_lines(here: Analysis, name: str, there: Analysis) -> list[str]:
+    """Per question: does the verdict hold in both regimes (same verdict, and an effect picks the same best value)?"""
+    lines = [f"## Do the answers transfer? This study against `{name}`", "",
+             f"Here: {regime_line(here)}", f"There: {regime_line(there)}", ""]
+    for parameter in [p for p in here.factors if p in there.factors]:
+        a, b = here.factors[parameter], there.factors[parameter]
+        same = a.verdict == b.verdict and (a.verdict != "effect" or a.best == b.best)
+        word = "holds in both" if same and a.settled() else ("both unsettled" if same else "differs")
+        lines.append(f"- {label(parameter)}: here {a.verdict}" + (f" (best {a.best})" if a.verdict == "effect" else "")
+                     + f", there {b.verdict}" + (f" (best {b.best})" if b.verdict == "effect" else "") + f": {word}.")
+    if here.epochs is not None and there.epochs is not None:
+        same = here.epochs.verdict == there.epochs.verdict
+        lines.append(f"- 3.ii Epochs: here {here.epochs.verdict}, there {there.epochs.verdict}: "
+                     + ("holds in both." if same else "differs."))
+    return [*lines, ""]

@@ -49,6 +49,8 @@ def plot_all(records: list[TrialRecord], analysis: Analysis, folder: Path, chanc
     save("learning_curves.png", lambda ax: learning_curves(ax, records, analysis, chance))
     save("history.png", lambda ax: history(ax, records, analysis.metric, chance))
     save("answers.png", lambda ax: answers_plot(ax, analysis))
+    if analysis.objectives:
+        save("pareto.png", lambda ax: pareto(ax, records, analysis))
     return written
 
 
@@ -159,3 +161,25 @@ def answers_plot(ax, analysis: Analysis) -> None:
     ax.set_yticks(y, [f"{p}\n({a.verdict})" for p, a in rows])
     ax.set_xlabel("best minus worst (a slope: per unit; epochs: last minus base), with its CI")
     ax.set_title("the answers and their uncertainty", fontsize=10)
+
+
+def pareto(ax, records: list[TrialRecord], analysis: Analysis) -> None:
+    """Accuracy against the first cost: every trial, the front joined up, the infeasible grey, the champion ringed."""
+    (metric, _), (cost, _) = analysis.objectives[0], analysis.objectives[1]
+    done = [r for r in records if r.complete and r.values]
+    feasible = [r for r in done if r.number not in analysis.infeasible]
+    ax.scatter([r.values[1] for r in feasible], [r.values[0] for r in feasible], color=BLUE, alpha=0.5, s=22,
+               label=f"trials (n={len(feasible)})")
+    off = [r for r in done if r.number in analysis.infeasible]
+    if off:
+        ax.scatter([r.values[1] for r in off], [r.values[0] for r in off], color=GREY, marker="x",
+                   label=f"beyond the constraints (n={len(off)})")
+    front = sorted(analysis.front, key=lambda r: r.values[1])
+    ax.plot([r.values[1] for r in front], [r.values[0] for r in front], "o-", color="black", label="Pareto front")
+    for r in front:
+        if r.number == analysis.champion:
+            ax.scatter([r.values[1]], [r.values[0]], s=180, facecolors="none", edgecolors=RED, label="champion")
+    ax.set_xlabel(cost)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against {cost}")
+    ax.legend(fontsize=8)

@@ -20,7 +20,7 @@ import pandas as pd
 from cnnexp import record
 from cnnexp.console import table, wrap
 from cnnexp.report.analysis import Analysis, analyse
-from cnnexp.report.answers import label, plain_answers, pts, to_settle
+from cnnexp.report.answers import label, plain_answers, pts, to_settle, transfer_lines
 from cnnexp.report.plots import plot_all
 from cnnexp.tracking import runs, store
 
@@ -122,7 +122,7 @@ def _per_cell(analysis: Analysis) -> list[str]:
                 "are wider (the model gives each cell its own variance).", "", _markdown(frame)]
 
 
-def write_report(study: optuna.Study, settings, answers_cfg) -> str:
+def write_report(study: optuna.Study, settings, answers_cfg, compare: tuple[str, Analysis] | None = None) -> str:
     """Write the report folder (swapped in whole) and attach it to the parent run; returns the terminal text."""
     records, facts = record.read_trials(study), record.read_study(study)
     analysis = analyse(study, records, facts, answers_cfg)
@@ -138,8 +138,8 @@ def write_report(study: optuna.Study, settings, answers_cfg) -> str:
         plots = plot_all(records, analysis, staging / "plots", 1 / int(np.median(classes)) if classes else None)
         tests = {arm: int(np.median([r.test_images for r in records if r.params.get("task") == arm and r.test_images]
                                     or [0])) for arm in analysis.measured}
-        said = plain_answers(analysis, tests)
-        lines = [f"# Study `{study.study_name}`: {facts.metric} ({study.direction.name.lower()})", "", *said,
+        said = plain_answers(analysis, tests) + (transfer_lines(analysis, *compare) if compare else [])
+        lines = [f"# Study `{study.study_name}`: {facts.metric} ({facts.direction})", "", *said,
                  *_study_lines(study, records, facts, analysis, settings), *_per_cell(analysis), "",
                  "## Questions (effects.csv)", "", _markdown(effects), "", *_best(study, facts),
                  "## Trials", "", _markdown(trials_table(records).drop(columns=["error"], errors="ignore")), "",
@@ -160,7 +160,7 @@ def _best(study: optuna.Study, facts: record.StudyRecord) -> list[str]:
     if best is None:
         return []
     facts_best = record.read_trial(best)
-    return [f"Best: trial {best.number}, {facts.metric}={best.value:.4f}, test_accuracy="
+    return [f"Best: trial {best.number}, {facts.metric}={best.values[0]:.4f}, test_accuracy="
             f"{facts_best.test_accuracy or float('nan'):.4f}, params {best.params}.",
             f"Reproduce: `{facts_best.command}`", ""]
 
@@ -192,6 +192,6 @@ def _attach(study: optuna.Study, facts: record.StudyRecord, folder: Path, analys
     best = record.best_trial(study, (facts.design or {}).get("main"))
     if best is not None:
         facts_best = record.read_trial(best)
-        parent.log_metrics({f"best_{facts.metric}": best.value, "best_test_accuracy": facts_best.test_accuracy})
+        parent.log_metrics({f"best_{facts.metric}": best.values[0], "best_test_accuracy": facts_best.test_accuracy})
         parent.set_tags({"cnnexp.best_trial": best.number, "cnnexp.best_run_id": facts_best.mlflow_run_id,
                          "cnnexp.best_registered_version": facts_best.registered_version})

@@ -17,7 +17,7 @@ import sys
 from cnnexp import runtime
 from cnnexp.console import say, setup_logging
 from cnnexp.errors import CnnexpError
-from cnnexp.sweep.engine import RecycleProcess, end_parent, optimize, preflight
+from cnnexp.sweep.engine import RecycleProcess, end_parent, optimize, preflight, register_champion
 from cnnexp.sweep.objective import STOP_REQUESTED, Interrupted
 from cnnexp.sweep.space import Sweep, load_sweep
 from cnnexp.sweep.study import open_study
@@ -73,6 +73,8 @@ def _run(args) -> int:
             say(estimate(sweep.overrides, int(sweep.settings.n_trials), int(sweep.base.train.epochs),
                          int(sweep.base.dataset.train_limit or 45000)))
         study = optimize(sweep, recycle_after=int(sweep.settings.recycle_after))
+    if sweep.settings.get("objectives"):
+        register_champion(sweep, study)
     return report(sweep, study) if not args.no_report else 0
 
 

@@ -25,8 +25,9 @@ from cnnexp.config import compose_config
 from cnnexp.errors import ConfigError
 from cnnexp.record import TrialRecord
 
-MIN_TRAIN = 1000          # fewer training images than this answer nothing worth the time
-TIMING_IMAGES = 1500      # images a timing run trains on, for 2 epochs
+MIN_TRAIN = 500           # fewer training images than this answer nothing worth the time
+TIMING_IMAGES = 1000      # images a timing run trains on, for 2 epochs
+TIMING_EVAL = 500         # images it validates and tests on; the study's own sizes are scaled from these
 TRACKING_SECONDS = 2.0    # what MLflow adds to a trial (child run, params, metrics), measured here
 
 
@@ -46,8 +47,12 @@ def time_config(overrides: list[str], datasets=None) -> Timing:
     """Time one configuration: 2 short epochs through `run`, with the study's evaluation set."""
     from cnnexp.run import prepare, run
 
-    cfg = compose_config([*overrides, f"dataset.train_limit={TIMING_IMAGES}", "train.epochs=2", "tracking=off",
-                          "train.verbose=0"])
+    study = compose_config(overrides)
+    small = [*overrides, f"dataset.train_limit={TIMING_IMAGES}", f"dataset.test_limit={TIMING_EVAL}", "train.epochs=2",
+             "tracking=off", "train.verbose=0"]
+    if study.dataset.get("eval_limit") is not None:
+        small.append(f"dataset.eval_limit={TIMING_EVAL}")
+    cfg = compose_config(small)
     prepare(cfg, validated=True, datasets=datasets)  # decoding is not a trial's cost: it happens once
     began = time.perf_counter()
     result = run(cfg, validated=True, datasets=datasets)
@@ -55,8 +60,15 @@ def time_config(overrides: list[str], datasets=None) -> Timing:
     seconds, validation = result.history["epoch_seconds"], result.history.get("val_seconds", [0.0, 0.0])
     steady = seconds[-1]
     per_image = max(steady - validation[-1], 1e-6) / max(result.train_images, 1)
-    return Timing(fixed=max(wall - sum(seconds), 0.0) + (seconds[0] - steady) + TRACKING_SECONDS,
-                  per_image=per_image, per_epoch=validation[-1])
+    # Validation and test scale with their images: the study's sizes, from what the timing run measured.
+    per_eval_image = validation[-1] / max(result.eval_images, 1)
+    test_extra = per_eval_image * max(0, int(study.dataset.test_limit or 10_000) - result.test_images)
+    if study.dataset.get("eval_limit") is not None:  # a fixed evaluation set: a cost per epoch
+        per_epoch = per_eval_image * int(study.dataset.eval_limit)
+    else:  # a share of the training subset validates: a cost per image
+        per_epoch, per_image = 0.0, per_image + per_eval_image * float(study.train.val_fraction)
+    return Timing(fixed=max(wall - sum(seconds), 0.0) + (seconds[0] - steady) + TRACKING_SECONDS + test_extra,
+                  per_image=per_image, per_epoch=per_epoch)
 
 
 @dataclass

@@ -10,11 +10,11 @@ finished study to `cnnexp.report` (the last stage).
 from __future__ import annotations
 
 import signal
-import warnings
 import sys
 import threading
 import time
 import uuid
+import warnings
 
 import optuna
 from omegaconf import OmegaConf
@@ -27,7 +27,7 @@ from cnnexp.paths import check_writable
 from cnnexp.stats.settle import cell_key
 from cnnexp.sweep import budget, rounds
 from cnnexp.sweep.objective import STOP_REQUESTED, Interrupted, Objective, StaleTrialCallback, describe
-from cnnexp.sweep.settings import parse_budget
+from cnnexp.sweep.settings import constraint, objectives, parse_budget
 from cnnexp.sweep.space import Sweep, trial_overrides
 from cnnexp.sweep.study import StudyFull, checkpoint_root, config_key, count_trials, open_study
 from cnnexp.tracking import runs, store, views
@@ -133,7 +133,7 @@ class Loop:
             self.bar.update(1)
         main = self.sweep.design.main if self.sweep.design is not None else None
         best = record.best_trial(study, main)
-        self.bar.set_postfix_str(f"best {self.settings.metric}={best.value:.4f} (#{best.number})" if best else "")
+        self.bar.set_postfix_str(f"best {self.settings.metric}={best.values[0]:.4f} (#{best.number})" if best else "")
         say(trial_line(facts, str(self.settings.metric)))
         if self.recycle_now():
             study.stop()
@@ -317,7 +317,9 @@ def attach_study_run(sweep: Sweep, study: optuna.Study) -> runs.Run:
                                          str(settings.direction))
             if url:  # the page that opens this study's runs, for the report and the terminal
                 record.write_study(study, mlflow_ui_url=url)
-        record.write_study(study, metric=str(settings.metric), answers=OmegaConf.to_container(sweep.answers))
+        record.write_study(study, metric=str(settings.metric), answers=OmegaConf.to_container(sweep.answers),
+                           objectives=[metric for metric, _ in objectives(settings)],
+                           constraints=[list(constraint(c)) for c in settings.get("constraints") or []])
     return parent
 
 
@@ -329,3 +331,33 @@ def end_parent(study: optuna.Study, status: str | None = None) -> bool:
         store.use(facts.mlflow_tracking_uri)
         runs.Run(facts.mlflow_parent_run_id).end(status or ("FINISHED" if complete else "FAILED"))
     return complete
+
+
+def front(study: optuna.Study, settings) -> list[optuna.trial.FrozenTrial]:
+    """The Pareto front of a multi-objective study, of the trials that meet `sweep.constraints`."""
+    from cnnexp.sweep.settings import constraint
+    from cnnexp.sweep.study import Constraints
+
+    feasible = Constraints([constraint(c) for c in settings.get("constraints") or []])
+    return [t for t in study.best_trials if all(v <= 0 for v in feasible(t))]
+
+
+def register_champion(sweep: Sweep, study: optuna.Study) -> int | None:
+    """A multi-objective study's champion: the most accurate model on the front that meets the constraints,
+    registered as `cnnexp-<study>@champion` (each trial logged its model). Returns its trial number."""
+    candidates = front(study, sweep.settings)
+    if not candidates:
+        return None
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    champion = (max if maximize else min)(candidates, key=lambda t: t.values[0])
+    facts, where = record.read_trial(champion), record.read_study(study)
+    if facts.mlflow_run_id and where.mlflow_tracking_uri and where.champion is None:
+        store.use(where.mlflow_tracking_uri)
+        run = runs.Run(facts.mlflow_run_id)
+        uri = run.logged_model_uri()
+        version = run.register(uri, f"cnnexp-{sweep.settings.study_name}") if uri else None
+        if version:
+            record.write_study(study, champion={"trial": champion.number, "registered_version": version})
+    say(f"Champion: trial {champion.number} ({describe(champion.params)}), {sweep.settings.metric}="
+        f"{champion.values[0]:.4f}, the most accurate on the front of {len(candidates)} that meet the constraints.")
+    return champion.number

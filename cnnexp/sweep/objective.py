@@ -25,6 +25,7 @@ from cnnexp.config import compose_config, effective_overrides, overrides_to_comm
 from cnnexp.console import say
 from cnnexp.errors import CnnexpError
 from cnnexp.run import DatasetMemo, RunResult, run
+from cnnexp.sweep.settings import objectives
 from cnnexp.sweep.space import Sweep, suggest, trial_overrides
 from cnnexp.sweep.study import LOST, assign_seed, checkpoint_root
 from cnnexp.tracking import runs, store, views
@@ -115,6 +116,7 @@ class Objective:
         self.settings = sweep.settings
         self.checkpoints = checkpoint_root(self.settings)
         self.datasets = DatasetMemo()  # the trials of this process share one decoded dataset
+        self.multi = len(objectives(self.settings)) > 1  # accuracy against cost: Optuna can't prune those
 
     def __call__(self, trial: optuna.Trial) -> float:
         if STOP_REQUESTED.is_set():
@@ -128,11 +130,9 @@ class Objective:
                 result = run(cfg, overrides=attempt.overrides, parent_run_id=self.parent_run_id, run_id=child.run_id,
                              run_name=attempt.name, checkpoint_dir=folder, validated=True, datasets=self.datasets,
                              callbacks=[report_and_prune(trial, str(self.settings.metric), int(cfg.train.epochs),
-                                                         prunable=attempt.repeat_of is None)])
-            value = float(result.metrics[str(self.settings.metric)])
-            if not math.isfinite(value):
-                raise ValueError(f"{self.settings.metric} is {value}")
-            self._record(trial, result, child, value)
+                                                         prunable=attempt.repeat_of is None and not self.multi)])
+            values = [self._value(result, metric) for metric, _ in objectives(self.settings)]
+            self._record(trial, result, child, values[0])
         except optuna.TrialPruned as err:
             record.write(trial, pruned=str(err))
             child.set_tags({"optuna.trial_state": "PRUNED"})
@@ -144,6 +144,14 @@ class Objective:
             self._failed(trial, child, folder, err)
             raise
         shutil.rmtree(folder, ignore_errors=True)  # never left behind on success
+        return values if self.multi else values[0]
+
+    @staticmethod
+    def _value(result: RunResult, metric: str) -> float:
+        costs = {"model.num_params": result.cost.params, "model.flops_per_image": result.cost.flops}
+        value = float(costs[metric] if metric in costs else result.metrics[metric])
+        if not math.isfinite(value):
+            raise ValueError(f"{metric} is {value}")
         return value
 
     def _prepare(self, trial: optuna.Trial) -> Attempt:
@@ -257,9 +265,11 @@ class Objective:
                      dataset_note=result.dataset_note or None, checkpoint_error=result.checkpoint_error)
         child.set_tags({"optuna.trial_state": "COMPLETE"})
         log_models = str(self.settings.log_models)
-        if child.active and (log_models == "all" or (log_models == "best" and self._is_new_best(trial, value))):
+        best = log_models == "best" and not self.multi and self._is_new_best(trial, value)
+        if child.active and (log_models == "all" or best or (self.multi and log_models != "none")):
+            # A multi-objective study keeps every model: the champion is chosen on the front at the end.
             uri = child.log_model(result.model, result.example)
-            if uri and log_models == "best":
+            if uri and best:
                 version = child.register(uri, f"cnnexp-{self.settings.study_name}")
                 if version:
                     record.write(trial, registered_version=version)
@@ -275,5 +285,5 @@ class Objective:
         best = record.best_trial(self.study, main)
         if best is None or best.number == trial.number:
             return True
-        maximize = self.study.direction == optuna.study.StudyDirection.MAXIMIZE
-        return value > best.value if maximize else value < best.value
+        maximize = self.study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+        return value > best.values[0] if maximize else value < best.values[0]

@@ -37,6 +37,10 @@ DEFAULTS = {
         "output_dir": "outputs/sweeps",
         "system_metrics": True,     # CPU/memory/GPU of each trial in MLflow (system/ metrics)
         "budget": None,             # e.g. 45m or 2h: plan the data size and the seeds to fit, print the plan first
+        # More objectives make a multi-objective study (accuracy against cost), e.g.
+        # [{metric: train_seconds, direction: minimize}]; sweep.metric stays the first.
+        "objectives": [],
+        "constraints": [],          # e.g. ["model.num_params <= 1e6"]: trials beyond are infeasible (Optuna)
     },
     "answers": {
         "precision": 0.015,         # a question is settled when its CI lies within +-precision (or excludes 0)
@@ -49,6 +53,16 @@ DEFAULTS = {
     "params": {},
 }
 METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss")
+COST_METRICS = ("train_seconds", "model.flops_per_image", "model.num_params")
+CONSTRAINT = re.compile(r"\s*(model\.num_params|model\.flops_per_image|train_seconds)\s*<=\s*([0-9.eE+]+)\s*")
+
+
+def constraint(text: str, key: str = "sweep.constraints") -> tuple[str, float]:
+    """'model.num_params <= 1e6' -> ('model.num_params', 1000000.0)."""
+    match = CONSTRAINT.fullmatch(str(text))
+    if not match:
+        raise ConfigError(f"{key}: {text!r} must read '<cost> <= <number>' with a cost among {', '.join(COST_METRICS)}.")
+    return match[1], float(match[2])
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -98,6 +112,17 @@ def validate_settings(settings, answers) -> None:
     if settings.get("checkpoint_dir") is not None and not isinstance(settings.checkpoint_dir, str):
         raise ConfigError(f"sweep.checkpoint_dir={settings.checkpoint_dir!r} must be a folder path.")
     parse_budget(settings.get("budget"))
+    for i, extra in enumerate(settings.get("objectives") or []):
+        checks.choice(extra.get("metric"), f"sweep.objectives.{i}.metric", (*METRICS, *COST_METRICS))
+        checks.choice(extra.get("direction"), f"sweep.objectives.{i}.direction", ("maximize", "minimize"))
+    for i, text in enumerate(settings.get("constraints") or []):
+        constraint(text, f"sweep.constraints.{i}")
     checks.number(answers.get("precision"), "answers.precision", low=0, low_open=True, high=1)
     checks.number(answers.get("alpha"), "answers.alpha", low=0, low_open=True, high=0.5)
     checks.number(answers.get("looks"), "answers.looks", integer=True, low=1, high=20)
+
+
+def objectives(settings) -> list[tuple[str, str]]:
+    """(metric, direction) of every objective: `sweep.metric` first, then `sweep.objectives`."""
+    return [(str(settings.metric), str(settings.direction)),
+            *((str(o.metric), str(o.direction)) for o in settings.get("objectives") or [])]

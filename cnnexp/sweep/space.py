@@ -73,7 +73,7 @@ def _apply_cli(merged: DictConfig, cli_overrides: Sequence[str], parser) -> tupl
     expressions, fixed = {}, []
     for text in cli_overrides:
         key, _, value = text.partition("=")
-        if key.startswith(("sweep.", "answers.")):
+        if key.startswith(("sweep.", "answers.", "design.")):
             try:
                 OmegaConf.update(merged, key, yaml.safe_load(value) if value else None, merge=False)
             except Exception as err:  # noqa: BLE001

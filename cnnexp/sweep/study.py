@@ -28,6 +28,7 @@ from cnnexp import record
 from cnnexp.errors import ConfigError, StorageError
 from cnnexp.locks import store_lock
 from cnnexp.paths import check_writable, storage_file
+from cnnexp.sweep.settings import constraint, objectives
 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
             "cmaes": "CmaEsSampler", "gp": "GPSampler", "nsga2": "NSGAIISampler"}
@@ -134,6 +135,10 @@ def make_sampler(settings, space: dict) -> optuna.samplers.BaseSampler:
         raise ConfigError(f"sweep.sampler.name={name!r} is unknown; use one of {', '.join(SAMPLERS)}.")
     if name == "grid":
         options["search_space"] = grid_of(space)
+    if settings.get("constraints"):
+        if name not in ("tpe", "nsga2", "gp"):
+            raise ConfigError(f"sweep.constraints need a sampler that takes them (tpe, nsga2, gp), not {name}.")
+        options["constraints_func"] = Constraints([constraint(c) for c in settings.constraints])
     if name == "gp":
         try:
             import torch  # noqa: F401
@@ -143,6 +148,18 @@ def make_sampler(settings, space: dict) -> optuna.samplers.BaseSampler:
         return getattr(optuna.samplers, SAMPLERS[name])(**options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"sweep.sampler: {err}") from err
+
+
+class Constraints:
+    """Optuna's constraints_func: each `cost <= limit` as cost - limit (<= 0: feasible), from the trial's record."""
+
+    def __init__(self, limits: list[tuple[str, float]]):
+        self.limits = limits
+
+    def __call__(self, frozen: optuna.trial.FrozenTrial) -> list[float]:
+        facts = record.read_trial(frozen)
+        return [float(facts.cost(name)) - limit if facts.cost(name) is not None else float("inf")
+                for name, limit in self.limits]
 
 
 def make_pruner(settings) -> optuna.pruners.BasePruner:
@@ -187,6 +204,7 @@ def open_study(settings, space: dict, expressions: dict | None = None, design: d
     """
     url = str(settings.storage)
     check_storage(url)
+    directions = [direction for _, direction in objectives(settings)]
     # Workers starting at once: one creates the storage's tables (Optuna's migrations race otherwise)
     # and the study, the others find them.
     with store_lock(url):
@@ -198,12 +216,12 @@ def open_study(settings, space: dict, expressions: dict | None = None, design: d
                 found = optuna.load_study(study_name=str(settings.study_name), storage=storage)
                 if expressions is not None:
                     _same_space(found, expressions, design, url)
-                if found.direction.name.lower() != str(settings.direction):
-                    raise ConfigError(f"The study {settings.study_name!r} {found.direction.name.lower()}s; "
-                                      f"sweep.direction={settings.direction} needs a new study name.")
+                had = [d.name.lower() for d in found.directions]
+                if had != directions:
+                    raise ConfigError(f"The study {settings.study_name!r} has the directions {had}, not {directions}; "
+                                      f"start a new study: sweep.study_name={settings.study_name}-2.")
             else:
-                optuna.create_study(study_name=str(settings.study_name), storage=storage,
-                                    direction=str(settings.direction))
+                optuna.create_study(study_name=str(settings.study_name), storage=storage, directions=directions)
             study = CappedStudy(study_name=str(settings.study_name), storage=storage, sampler=sampler, pruner=pruner,
                                 cap=int(settings.n_trials), lock_url=url)
             if not existing and expressions is not None:

@@ -156,6 +156,19 @@ class Run:
 
         return self._safely("the model", log)
 
+    def logged_model_uri(self) -> str | None:
+        """The URI of the model this run logged (None when it logged none)."""
+
+        def find():
+            import mlflow
+
+            experiment = self.client().get_run(self.run_id).info.experiment_id
+            models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list",
+                                                 filter_string=f"source_run_id = '{self.run_id}'")
+            return f"models:/{models[0].model_id}" if models else None
+
+        return self._safely("the logged model lookup", find)
+
     def register(self, model_uri: str, name: str, alias: str = "champion") -> str | None:
         """Register the model as a new version of `name` and point `alias` at it; returns the version."""
 
