@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnexp import CONF_DIR, runtime
 from cnnexp.config import SHORTCUTS, overrides_to_command, validate_config
+from cnnexp.console import setup_logging
 from cnnexp.data.load import Dataset, describe, load_dataset
 from cnnexp.errors import CnnexpError
 from cnnexp.model.build import build_model
@@ -196,8 +197,6 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
-
-    from cnnexp.console import setup_logging
 
     setup_logging(verbose=bool(cfg.get("verbose", False)))
     overrides = list(HydraConfig.get().overrides.task)

@@ -11,6 +11,8 @@ import sys
 import tempfile
 from functools import cache
 
+from cnnexp import PROJECT_ROOT
+
 
 def setup_environment() -> None:
     """Set the environment every entry point needs, before Keras, TensorFlow or MLflow are imported.
@@ -123,8 +125,6 @@ def cpu_flags() -> frozenset[str]:
 
 def git_commit() -> str | None:
     """The commit of the working tree the code runs from, with '-dirty' if it has changes."""
-    from cnnexp import PROJECT_ROOT
-
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from cnnexp.errors import CnnexpError, StorageError
+from cnnexp.sweep.space import sweep_path
 from cnnexp.tracking.views import dashboard_target, dashboard_url, study_runs_url
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -28,8 +29,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 def study_name_of(sweep: str) -> str:
     """A sweep's study name (its `sweep.study_name`, by default the file's name), without composing its config."""
     import yaml
-
-    from cnnexp.sweep.space import sweep_path
 
     path = sweep_path(sweep)
     settings = (yaml.safe_load(path.read_text()) or {}).get("sweep") or {}

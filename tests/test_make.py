@@ -51,9 +51,13 @@ def where(root: Path) -> str:
             f"tracking.artifact_root={root / 'mlartifacts'}")
 
 
+# The default study, shrunk to CI's minutes: 2 first-round seeds, 2 looks, a 500-image evaluation set.
+SMALL = "sweep.budget=8m design.seeds=2 answers.looks=2 dataset.eval_limit=500 dataset.test_limit=500"
+
+
 def test_make_sweep_runs_the_default_study_to_the_end_with_nothing_staged(user):
     root, env = user
-    done = make("sweep", f"ARGS=sweep.budget=3m {where(root)}", env=env)
+    done = make("sweep", f"ARGS={SMALL} {where(root)}", env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     effects = pd.read_csv(root / "outputs" / "seed_questions" / "effects.csv")

@@ -7,8 +7,7 @@ Promises:
   the file and why, and the caller rebuilds it. The caller also checks what the arrays describe
   (`cnnexp.raw.problem`), so a valid file with the wrong data is rebuilt too. Never a traceback.
 - Files are written through a temporary `<name>~<host>~<pid>~<token>.npz.tmp` and renamed, so
-  readers never see half a file. Temporaries left by killed runs (and `.extract-*` folders of
-  versions that extracted archives) are removed on the next run, but only when their process is
+  readers never see half a file. Temporaries left by killed runs are removed on the next run, but only when their process is
   not alive on this host, or they are older than a day: another live worker's file is never touched.
 - A folder that cannot be written (read-only, not a folder, disk full) logs one warning per
   folder and the run goes on without a cache. Nothing here ever unpickles: every np.load passes
@@ -38,8 +37,17 @@ CACHE_VERSION = 3
 STALE_AFTER_S = 24 * 3600
 _HOST = socket.gethostname().replace("~", "-")
 _CHECKSUM, _SOURCE = "__sha256__", "__source__"
-_cleaned: set[Path] = set()
-_unwritable: set[Path] = set()
+
+
+class _Folders:
+    """What this process learnt of its cache folders: cleaned of leftovers already, or not writable (an explicit cache)."""
+
+    def __init__(self):
+        self.cleaned: set[Path] = set()
+        self.unwritable: set[Path] = set()
+
+
+FOLDERS = _Folders()
 
 
 class DecodeCache:
@@ -47,8 +55,8 @@ class DecodeCache:
 
     def __init__(self, folder: Path):
         self.folder = Path(os.path.expanduser(str(folder)))
-        if self.folder not in _cleaned:
-            _cleaned.add(self.folder)
+        if self.folder not in FOLDERS.cleaned:
+            FOLDERS.cleaned.add(self.folder)
             clean_leftovers(self.folder)
 
     def file(self, key: str) -> Path:
@@ -95,7 +103,7 @@ class DecodeCache:
 
     def put(self, key: str, arrays: dict[str, np.ndarray], source: str) -> None:
         """Store atomically; an unwritable folder only costs a warning (once) and a decode next time."""
-        if self.folder in _unwritable:
+        if self.folder in FOLDERS.unwritable:
             return
         target = self.file(key)
         tmp = target.with_name(f"{key}~{_HOST}~{os.getpid()}~{secrets.token_hex(4)}.npz.tmp")
@@ -106,7 +114,7 @@ class DecodeCache:
             os.replace(tmp, target)
         except OSError as err:
             _remove(tmp)
-            _unwritable.add(self.folder)
+            FOLDERS.unwritable.add(self.folder)
             log.warning("cannot write the decode cache in %s: %s; decoding each time.", self.folder, err)
         except BaseException:
             _remove(tmp)
@@ -125,7 +133,7 @@ def checksum_of(arrays: dict[str, np.ndarray]) -> str:
 
 def clean_leftovers(folder: Path) -> int:
     """Remove temporaries of interrupted runs whose process is gone; returns how many were removed."""
-    candidates = [*folder.glob("*.npz.tmp"), *folder.glob(".extract-*"), *folder.glob("extracted/.extract-*")]
+    candidates = list(folder.glob("*.npz.tmp"))
     removed = sum(_remove(path) for path in candidates if _abandoned(path))
     if removed:
         log.info("Removed %d file(s) left half-written by interrupted runs in %s", removed, folder)

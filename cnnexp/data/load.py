@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnexp.runtime import keras
 from cnnexp.data import folders, formats
 from cnnexp.data.cache import CACHE_VERSION, DecodeCache
 from cnnexp.data.locate import Source, fingerprint_path, locate
@@ -170,8 +171,6 @@ def _cache(dataset_cfg) -> DecodeCache:
 
 
 def _download(name: str) -> RawDataset:
-    from cnnexp.runtime import keras
-
     log.info("Downloading %s with keras.datasets (nothing staged locally)", name)
     loader = getattr(keras().datasets, name)
     (x_train, y_train), (x_test, y_test) = loader.load_data()

@@ -16,7 +16,7 @@ import optuna
 import pandas as pd
 
 from cnnexp.record import StudyRecord, TrialRecord
-from cnnexp.stats.curves import AtEqual, EpochsAnswer, Interval, at_equal, epochs_answer
+from cnnexp.stats.curves import AtEqual, EpochsAnswer, Interval, at_equal, epochs_answer, mean_interval
 from cnnexp.stats.effects import Answer, answers
 from cnnexp.stats.sequential import spend
 from cnnexp.stats.settle import Look, cell_key, look, tables
@@ -186,8 +186,6 @@ def _regime(result: Analysis, records: list[TrialRecord], design: dict, main: pd
     baseline = main[main[list(design["vary"])].eq(pd.Series({k: design["baseline"][k] for k in design["vary"]}))
                     .all(axis=1)] if len(main) else main
     usable = baseline[~baseline["failed"].fillna(False).astype(bool)] if len(baseline) else baseline
-    from cnnexp.stats.curves import mean_interval
-
     notes = sorted({r.dataset_note for r in records if r.complete and r.dataset_note})
     result.regime = Regime(train_images=_median(r.train_images for r in mine), epochs=int(design["base_epochs"]),
                            eval_images=_median(r.eval_images for r in mine),

@@ -13,6 +13,7 @@ import re
 from cnnexp.report.analysis import Analysis, Cost
 from cnnexp.stats.curves import Interval
 from cnnexp.stats.effects import Answer, critical
+from cnnexp.stats.settle import cell_key
 
 QUESTIONS = [  # (label, how to recognise its parameter)
     ("2.i Kernel size", re.compile(r"^(kernel|model\.layers\.\d+\.kernel)$")),
@@ -43,8 +44,6 @@ def _cost_phrase(analysis: Analysis, answer: Answer) -> str:
         if not design:
             return None
         cell = {"task": design["main"], **{k: design["baseline"][k] for k in design["vary"]}, answer.parameter: value}
-        from cnnexp.stats.settle import cell_key
-
         return analysis.costs.get(cell_key(cell))
 
     best, worst = cell_cost(answer.best), cell_cost(answer.worst)
@@ -163,8 +162,6 @@ def epochs_answer(analysis: Analysis) -> str:
 
 def measured_answer(analysis: Analysis, arm: str, interval: Interval, n_test: int | None) -> str:
     """What an arm reaches, with its cost: measured, never given a verdict against another task."""
-    from cnnexp.stats.settle import cell_key
-
     cost = analysis.costs.get(cell_key({"task": arm}), Cost())
     binomial = ""
     if n_test and interval.n and math.isfinite(interval.estimate):

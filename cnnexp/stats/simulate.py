@@ -13,7 +13,8 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from cnnexp.stats.settle import cell_key
+from cnnexp.stats.sequential import Cell, allocate, spend
+from cnnexp.stats.settle import cell_key, look
 
 
 def design_study(rng: np.random.Generator, levels: dict[str, list], baseline: dict, effects: dict[str, dict],
@@ -82,8 +83,6 @@ def sequential_study(rng: np.random.Generator, levels: dict[str, list], baseline
     `runs_per_round` more runs where `sequential.allocate` says (every run costs the same here); a
     question keeps the first settled verdict it reached.
     """
-    from cnnexp.stats.sequential import Cell, allocate, spend
-    from cnnexp.stats.settle import look
 
     design = {"baseline": baseline, "vary": levels, "base_epochs": 0}
     table = design_study(rng, levels, baseline, effects, sigma, seeds, baseline_seeds)

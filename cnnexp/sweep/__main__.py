@@ -17,10 +17,12 @@ import sys
 from cnnexp import runtime
 from cnnexp.console import say, setup_logging
 from cnnexp.errors import CnnexpError
+from cnnexp.report.write import write_report
 from cnnexp.sweep.engine import RecycleProcess, end_parent, optimize, preflight, register_champion
 from cnnexp.sweep.objective import STOP_REQUESTED, Interrupted
 from cnnexp.sweep.space import Sweep, load_sweep
 from cnnexp.sweep.study import open_study
+from cnnexp.sweep.workers import run_workers
 
 
 def _on_sigterm(signum, frame):
@@ -30,8 +32,6 @@ def _on_sigterm(signum, frame):
 
 def report(sweep: Sweep, study) -> int:
     """Write the report and end the parent run; the report is complete or says how to write it again."""
-    from cnnexp.report.write import write_report
-
     settings = sweep.settings
     again = (f"python -m cnnexp.report {settings.study_name} --storage {settings.storage} "
              f"--out {settings.output_dir}")
@@ -58,8 +58,6 @@ def report(sweep: Sweep, study) -> int:
 def _run(args) -> int:
     sweep = load_sweep(args.sweep, args.overrides)
     if int(sweep.settings.workers) > 1:
-        from cnnexp.sweep.workers import run_workers
-
         preflight(sweep)
         code = run_workers(args.sweep, args.overrides, int(sweep.settings.workers), verbose=args.verbose)
         if code:

@@ -24,6 +24,7 @@ from cnnexp import runtime
 from cnnexp.config import compose_config
 from cnnexp.errors import ConfigError
 from cnnexp.record import TrialRecord
+from cnnexp.run import prepare, run
 
 MIN_TRAIN = 500           # fewer training images than this answer nothing worth the time
 TIMING_IMAGES = 1000      # images a timing run trains on, for 2 epochs
@@ -45,8 +46,6 @@ class Timing:
 
 def time_config(overrides: list[str], datasets=None) -> Timing:
     """Time one configuration: 2 short epochs through `run`, with the study's evaluation set."""
-    from cnnexp.run import prepare, run
-
     study = compose_config(overrides)
     small = [*overrides, f"dataset.train_limit={TIMING_IMAGES}", f"dataset.test_limit={TIMING_EVAL}", "train.epochs=2",
              "tracking=off", "train.verbose=0"]

@@ -20,16 +20,18 @@ import optuna
 from omegaconf import OmegaConf
 
 from cnnexp import record
+from cnnexp.config import compose_config
 from cnnexp.console import say
 from cnnexp.errors import StorageError
 from cnnexp.locks import store_lock
 from cnnexp.paths import check_writable
+from cnnexp.run import prepare as load
 from cnnexp.stats.settle import cell_key
 from cnnexp.sweep import budget, rounds
 from cnnexp.sweep.objective import STOP_REQUESTED, Interrupted, Objective, StaleTrialCallback, describe
 from cnnexp.sweep.settings import constraint, objectives, parse_budget
 from cnnexp.sweep.space import Sweep, trial_overrides
-from cnnexp.sweep.study import StudyFull, checkpoint_root, config_key, count_trials, open_study
+from cnnexp.sweep.study import Constraints, StudyFull, checkpoint_root, config_key, count_trials, open_study
 from cnnexp.tracking import runs, store, views
 
 WAITING, RUNNING = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING
@@ -51,8 +53,6 @@ def preflight(sweep: Sweep) -> None:
         warnings.warn(f"{err} Trials go on without checkpoints: a killed trial restarts from its first epoch.",
                       stacklevel=2)
     if sweep.base.dataset.get("num_classes") is None:  # an image folder: its classes are known once it is listed
-        from cnnexp.run import prepare as load
-
         load(sweep.base, validated=True)  # a subset too small for its classes fails now, not in every trial
 
 
@@ -232,8 +232,6 @@ def _planned_cells(sweep: Sweep) -> list[budget.Planned]:
     """What the first round trains, per configuration (a design's cells; else n_trials of the base config)."""
     if sweep.design is None:
         return [budget.Planned("base", list(sweep.overrides), int(sweep.settings.n_trials), int(sweep.base.train.epochs))]
-    from cnnexp.config import compose_config
-
     cells = []
     for cell, count in sweep.design.first_round():
         overrides = trial_overrides(sweep, cell)
@@ -335,9 +333,6 @@ def end_parent(study: optuna.Study, status: str | None = None) -> bool:
 
 def front(study: optuna.Study, settings) -> list[optuna.trial.FrozenTrial]:
     """The Pareto front of a multi-objective study, of the trials that meet `sweep.constraints`."""
-    from cnnexp.sweep.settings import constraint
-    from cnnexp.sweep.study import Constraints
-
     feasible = Constraints([constraint(c) for c in settings.get("constraints") or []])
     return [t for t in study.best_trials if all(v <= 0 for v in feasible(t))]
 

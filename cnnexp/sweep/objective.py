@@ -25,6 +25,8 @@ from cnnexp.config import compose_config, effective_overrides, overrides_to_comm
 from cnnexp.console import say
 from cnnexp.errors import CnnexpError
 from cnnexp.run import DatasetMemo, RunResult, run
+from cnnexp.stats.settle import cell_key
+from cnnexp.sweep.budget import Plan
 from cnnexp.sweep.settings import objectives
 from cnnexp.sweep.space import Sweep, suggest, trial_overrides
 from cnnexp.sweep.study import LOST, assign_seed, checkpoint_root
@@ -194,9 +196,6 @@ class Objective:
         plan = record.read_study(self.study).plan
         if not plan:
             return None
-        from cnnexp.stats.settle import cell_key
-        from cnnexp.sweep.budget import Plan
-
         try:
             return round(Plan(**plan).predict(cell_key(values) if self.sweep.design is not None else "base"), 1)
         except KeyError:

@@ -29,6 +29,7 @@ from cnnexp.errors import ConfigError, StorageError
 from cnnexp.locks import store_lock
 from cnnexp.paths import check_writable, storage_file
 from cnnexp.sweep.settings import constraint, objectives
+from cnnexp.sweep.space import distribution, grid_of
 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
             "cmaes": "CmaEsSampler", "gp": "GPSampler", "nsga2": "NSGAIISampler"}
@@ -127,8 +128,6 @@ def make_storage(url: str, settings=None, stale_callback=None) -> optuna.storage
 
 
 def make_sampler(settings, space: dict) -> optuna.samplers.BaseSampler:
-    from cnnexp.sweep.space import grid_of
-
     options = OmegaConf.to_container(settings.sampler, resolve=True)
     name = options.pop("name", "tpe")
     if name not in SAMPLERS:
@@ -183,8 +182,6 @@ def _same_space(study: optuna.Study, expressions: dict, design: dict | None, url
             stored.update({k: repr(v) for k, v in trial.distributions.items()})
         if not stored:
             return
-        from cnnexp.sweep.space import distribution
-
         expressions = {k: repr(distribution(k, v)) for k, v in expressions.items()}
     if stored != expressions or (facts.design is not None and design is not None
                                  and {k: facts.design.get(k) for k in ("baseline", "vary", "arms")}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cnnexp.runtime import git_commit, keras
 from cnnexp.tracking.store import TrackingUnavailable, absolute_uri, configure  # noqa: F401 - the store, re-exported
 
 log = logging.getLogger(__name__)
@@ -259,12 +260,19 @@ def open_run(tracking_cfg, name: str, tags: dict | None = None, parent_run_id: s
     return Run(created.info.run_id)
 
 
-_WARNED: set[str] = set()
+class _Warned:
+    """The tracking warnings this process gave already: each is said once, not per trial (an explicit cache)."""
+
+    def __init__(self):
+        self.messages: set[str] = set()
+
+
+WARNED = _Warned()
 
 
 def warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
+    if message not in WARNED.messages:
+        WARNED.messages.add(message)
         warnings.warn(message, stacklevel=3)
 
 
@@ -301,8 +309,6 @@ def epoch_logger(run: Run, already_logged: set[int], names: dict[str, str]):
 
     Epochs in `already_logged` (a trial resumed from its checkpoint) are not logged twice.
     """
-    from cnnexp.runtime import keras
-
     class LogEpoch(keras().callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch + 1 not in already_logged:
@@ -347,8 +353,6 @@ def study_run(tracking_cfg, study_name: str, params: dict, known_id: str | None 
         run = Run(found)
         run.reopen()
         return run
-    from cnnexp.runtime import git_commit
-
     run = open_run(tracking_cfg, f"study {study_name}", {"cnnexp.study": study_name, "cnnexp.role": "study",
                                                           "cnnexp.study_uuid": study_uuid,
                                                           "mlflow.source.git.commit": git_commit() or ""})

@@ -20,7 +20,9 @@ import time
 from urllib.parse import urlencode
 
 from cnnexp.errors import StorageError
+from cnnexp.paths import storage_file
 from cnnexp.tracking import runs
+from cnnexp.tracking.store import absolute_uri
 
 DEFAULT_MLFLOW_BASE = "http://127.0.0.1:5000"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # MLflow's own prefix; the UI reads it back
@@ -87,9 +89,6 @@ def study_runs_url(tracking_uri: str, base: str, study: str | None = None) -> tu
     Raises:
         StorageError: no such store, or no study in it.
     """
-    from cnnexp.paths import storage_file
-    from cnnexp.tracking.store import absolute_uri
-
     uri = absolute_uri(tracking_uri)
     path = storage_file(uri) if uri.startswith("sqlite") else None
     if path is not None and not path.exists():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from cnnexp import checks
 from cnnexp.errors import ConfigError
+from cnnexp.runtime import cpu_flags, has_gpu
 
 OPTIMIZERS = {  # train.optimizer -> (Keras class, default learning rate, default momentum)
     "sgd": ("SGD", 0.01, 0.9), "adam": ("Adam", 3e-4, None), "adamw": ("AdamW", 3e-4, None),
@@ -98,8 +99,6 @@ def resolve_precision(train_cfg) -> str:
     Natively means a GPU (tensor cores) or a CPU with AVX512-BF16 or AMX; on a CPU with only
     AVX2/FMA, bfloat16 is emulated and slower than float32.
     """
-    from cnnexp.runtime import cpu_flags, has_gpu
-
     if train_cfg.precision != "auto":
         return str(train_cfg.precision)
     native_bf16 = has_gpu() or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
@@ -108,7 +107,5 @@ def resolve_precision(train_cfg) -> str:
 
 def steps_per_execution(train_cfg) -> int:
     """`auto`: 1 on a CPU (measured: no gain), 16 on an accelerator (fewer host round trips)."""
-    from cnnexp.runtime import has_gpu
-
     value = train_cfg.steps_per_execution
     return (16 if has_gpu() else 1) if value == "auto" else int(value)

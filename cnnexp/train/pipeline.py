@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from cnnexp.runtime import keras
+from cnnexp.runtime import keras, tensorflow
 
 
 def augments(train_cfg) -> bool:
@@ -39,8 +39,6 @@ def augment_numpy(x: np.ndarray, rng: np.random.Generator, flip: bool, translate
 
 def augment_tf(x, flip: bool, translate: int):
     """Per-image flip and translation of a batch (N, H, W, C), in TensorFlow (for tf.data)."""
-    from cnnexp.runtime import tensorflow
-
     tf = tensorflow()
     n, height, width = tf.shape(x)[0], x.shape[1], x.shape[2]
     if flip:
