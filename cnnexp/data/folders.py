@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from cnnexp.data.archives import Tree, open_tree
 from cnnexp.data.cache import CACHE_VERSION, DecodeCache
-from cnnexp.errors import DataError
 from cnnexp.data.raw import RawDataset, Rows, problem, stratified_sample, subset_indices
+from cnnexp.errors import DataError
 
 log = logging.getLogger(__name__)
 

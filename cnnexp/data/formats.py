@@ -12,17 +12,17 @@ from __future__ import annotations
 import gzip
 import io
 import math
-import struct
-import zlib
 import pickle
+import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cnnexp.errors import DataError
 from cnnexp.data.raw import RawDataset, stratified_sample
+from cnnexp.errors import DataError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

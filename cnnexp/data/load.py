@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnexp.runtime import keras
 from cnnexp.data import folders, formats
 from cnnexp.data.cache import CACHE_VERSION, DecodeCache
 from cnnexp.data.locate import Source, fingerprint_path, locate
 from cnnexp.data.raw import RawDataset, problem, smallest_limit, stratified_sample, subset_indices
 from cnnexp.errors import DataError
+from cnnexp.runtime import keras
 
 log = logging.getLogger(__name__)
 

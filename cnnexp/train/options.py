@@ -50,6 +50,7 @@ def validate_train_config(train_cfg) -> None:
     number("epochs", integer=True, low=1)
     number("val_fraction", low=0, high=1, high_open=True)
     number("seed", integer=True, low=0)
+    number("data_seed", integer=True, low=0, optional=True)
     number("verbose", integer=True, low=0, high=2)
     number("weight_decay", low=0, optional=True)
     number("label_smoothing", low=0, high=1, high_open=True)

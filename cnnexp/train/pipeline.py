@@ -97,7 +97,10 @@ def numpy_batches(x, y, batch_size: int, seed: int, augment):
 
 def fit_inputs(data, train_cfg) -> tuple[dict, object, int]:
     """(the `fit` keyword arguments for the training data, the validation data, images per epoch)."""
-    batch, seed = int(train_cfg.batch_size), int(train_cfg.seed)
+    batch = int(train_cfg.batch_size)
+    # The data order (and NumPy augmentation) follows train.data_seed when set: initialisation and order
+    # can then be varied apart (benchmarks/noise_sources.py measures each one's share of the noise).
+    seed = int(train_cfg.seed if train_cfg.get("data_seed") is None else train_cfg.data_seed)
     has_val = len(data.y_val) > 0
     per_epoch = train_cfg.get("images_per_epoch")
     augment = train_cfg.augment
@@ -109,7 +112,9 @@ def fit_inputs(data, train_cfg) -> tuple[dict, object, int]:
     if train_cfg.pipeline == "tf_data":
         inputs = {"x": tf_dataset(data.x_train, data.y_train, batch, seed, augment=augment), "shuffle": False}
         validation = tf_dataset(data.x_val, data.y_val, batch) if has_val else None
-    elif augments(train_cfg):
+    elif augments(train_cfg) or train_cfg.get("data_seed") is not None:
+        # Our own batches: their order follows data_seed alone (Keras' adapter and tf.data's shuffle also
+        # follow the global seed that train.seed sets, so initialisation and order could not be told apart).
         inputs = {"x": numpy_batches(data.x_train, data.y_train, batch, seed, augment)}
         validation = (data.x_val, data.y_val) if has_val else None
     else:  # Keras' own adapter over the arrays, as the notebook did
