@@ -34,7 +34,7 @@ SIDES = {  # images per trial, epochs, seeds (first round), looks, budget
     "grid": {"train": 8000, "epochs": 6, "seeds": 3, "looks": 1, "budget": None},
 }
 TINY = {"reference": {"train": 1000, "epochs": 2, "seeds": 2, "looks": 1, "budget": None},
-        "ours": {"train": 500, "epochs": 2, "seeds": 2, "looks": 2, "budget": "90s"},
+        "ours": {"train": 500, "epochs": 2, "seeds": 2, "looks": 2, "budget": "4m"},
         "grid": {"train": 1000, "epochs": 2, "seeds": 2, "looks": 1, "budget": None}}
 
 

@@ -65,6 +65,13 @@ class TrialRecord:
         return self.state == "COMPLETE"
 
     @property
+    def failed_outcome(self) -> bool:
+        """A run whose training itself failed as an outcome of its settings: it diverged (complete and flagged,
+        or stopped on a NaN loss) or ended at chance level. Not a crash, not a lost worker."""
+        return (self.complete and bool(self.flag)) or (self.state == "FAIL" and (self.error or "").startswith(
+            "NonFiniteLossError"))
+
+    @property
     def images_trained(self) -> int:
         """Training images this trial went through (epochs x images per epoch), 0 when unknown."""
         return int((self.train_images or 0) * (self.epochs_run or 0))

@@ -20,10 +20,22 @@ def test_bench_runs_on_a_tiny_configuration_and_writes_its_report(tmp_path, cifa
                           cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench" / "report.json").read_text())
-    assert {"machine", "throughput", "trial_overhead", "pruning", "memory", "workers", "data"} <= set(report)
+    assert {"machine", "time_to_answer", "fast_preset", "throughput", "trial_overhead", "pruning", "memory",
+            "workers", "data"} <= set(report)
     assert report["workers"]["2"]["complete"] == report["workers"]["1"]["complete"] == 2
-    ratios = [v["ratio_vs_bare"] for k, v in report["throughput"].items() if k != "bare model.fit (NumPy)"]
-    assert ratios and all(0 < r < 10 for r in ratios)  # measured against the bare loop, not against itself
+    answer = report["time_to_answer"]
+    for side in ("ours", "grid", "tpe"):  # every side trained and counted its images, and was scored
+        assert answer[side]["images_trained"] > 0 and set(answer[side]["agrees"]) == {"kernel", "width",
+                                                                                        "train.batch_size"}
+    assert answer["compute_ratio_grid_over_ours"] == round(
+        answer["grid"]["images_trained"] / answer["ours"]["images_trained"], 2)
+    (preset,) = report["fast_preset"]["runs"].values()
+    assert preset["curve"] and all(0 <= p["test_accuracy"] <= 1 for p in preset["curve"])
+    assert (tmp_path / "bench" / "fast_preset.png").stat().st_size > 5000
     assert report["pruning"]["without pruner"]["epochs"] >= report["pruning"]["median pruner"]["epochs"] >= 1
     assert len(report["memory"]["rss_mb_after_each"]) == report["memory"]["trials"]
-    assert report["data"]["images"] == 60000
+    from cnnexp.config import compose_config
+    from cnnexp.data.load import load_raw
+
+    raw = load_raw(compose_config(["dataset=folder", f"dataset.path={cifar_jpeg}"]).dataset)
+    assert report["data"]["images"] == len(raw.y_train) + len(raw.y_test)

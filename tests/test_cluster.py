@@ -299,6 +299,12 @@ def slurm():
         pytest.skip("no Slurm cluster: start one with `eval \"$(bash .ci/services.sh)\"` (as root)")
 
 
+def test_slurm_daemons_listen_on_loopback_only(slurm):
+    listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout.splitlines()
+    ports = [line.split()[3] for line in listening if line.split()[3].endswith((":6817", ":6818"))]
+    assert len(ports) == 2 and all(p.startswith("127.0.0.1:") for p in ports), ports
+
+
 def test_slurm_array_of_two_workers_on_one_study(tmp_path, slurm):
     path = write_sweep(tmp_path, {"kernel": "choice(2,3,4,5)"}, settings={"n_trials": 4})
     env = {**os.environ, "WORKERS": "2", "GPUS_PER_WORKER": "0", "CPUS_PER_WORKER": "1",

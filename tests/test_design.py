@@ -1,5 +1,6 @@
 """Designed studies and budgets: the cells, the plan printed before training, resumes that keep it."""
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -110,3 +111,36 @@ def test_a_budget_too_small_for_the_study_says_the_smallest_that_fits(tmp_path, 
     s = load_sweep(str(path))
     with pytest.raises(ConfigError, match=r"sweep.budget=.* can't fit this study: .* give sweep.budget=\d+m or more"):
         engine.apply_plan(s, open_study(s.settings, s.space))
+
+
+def test_a_designed_study_looks_after_each_round_and_adds_seeds_where_an_answer_is_open(tmp_path, cifar_jpeg):
+    """Real training, tiny: two looks, the second round's runs go to the undecided question's cells."""
+    from cnnexp import record
+    from tests.conftest import tracking_overrides
+
+    doc = {"overrides": ["dataset=folder", f"dataset.path={cifar_jpeg}", "dataset.test_limit=300",
+                         "dataset.eval_limit=500", "train.epochs=2", "+width=0.125", "train.optimizer=adam",
+                         *tracking_overrides(tmp_path)],
+           "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}, "main": "cifar10",
+                      "epochs": [2]},
+           "answers": {"precision": 0.001, "looks": 2},  # a precision no tiny study settles: a second round must come
+           "sweep": {"budget": "3m", "storage": f"sqlite:///{tmp_path / 's.db'}", "output_dir": str(tmp_path / "out"),
+                     "estimate": False, "system_metrics": False, "log_models": "none"}}
+    path = tmp_path / "rounds.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    s = load_sweep(str(path))
+    study = engine.optimize(s, show_progress=False)
+    facts, records = record.read_study(study), record.read_trials(study)
+    assert [entry["round"] for entry in facts.rounds] == [1, 2] and facts.rounds[-1]["final"]
+    assert facts.rounds[0]["alpha"] < facts.rounds[1]["alpha"] and sum(e["alpha"] for e in facts.rounds) == \
+        pytest.approx(0.05)
+    second = [r for r in records if r.round == 2]
+    assert second and all(r.complete for r in records)
+    assert {r.params["task"] for r in second} <= {"cifar10", "epochs_x2"}
+    assert all(r.predicted_s for r in records)  # the planner's prediction is kept beside what it took
+    from tests.helpers import finish
+
+    assert finish(s, study) == 0
+    effects = pd.read_csv(tmp_path / "out" / "rounds" / "effects.csv")
+    assert {"kernel", "train.epochs"} <= set(effects["parameter"])
+    assert "Looks (each with its share of the error rate)" in (tmp_path / "out" / "rounds" / "summary.md").read_text()

@@ -32,7 +32,13 @@ def test_cli_trains_above_chance_and_logs_a_complete_mlflow_run(tmp_path, cifar_
     assert r.data.params["train.batch_size"] == "100" and r.data.params["dataset.name"] == "folder"
     assert r.data.params["model.layers_resolved"] == "c32k3 c32k3 m2 c64k3 m2 c64k3 f d1024 d10"
     assert {"final/test_loss", "final/train_seconds", "final/images_per_second"} <= set(r.data.metrics)
-    assert r.data.params["model.num_params"] == "4271146" and int(r.data.params["model.flops_per_image"]) > 0
+    from cnnexp.config import compose_config
+    from cnnexp.model.layers import layers_from_config
+    from cnnexp.model.shapes import cost
+
+    expected = cost(layers_from_config(compose_config(["+width=0.5"])), (32, 32, 3))
+    assert r.data.params["model.num_params"] == str(expected.params)
+    assert r.data.params["model.flops_per_image"] == str(expected.flops)
     for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         assert [m.step for m in client.get_metric_history(r.info.run_id, name)] == [1, 2], name
     inputs = client.get_run(r.info.run_id).inputs.dataset_inputs

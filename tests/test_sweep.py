@@ -370,3 +370,31 @@ def test_recycled_workers_finish_queued_cells_and_repeats(tmp_path):
             assert restarts < 5, "a recycled worker never finishes"
     assert restarts == 2 and states(result) == ["COMPLETE"] * 3
     assert sum(t.user_attrs.get("repeat_of") is not None for t in result.trials) == 1
+
+
+@needs_cifar
+def test_a_multi_objective_study_draws_its_front_and_registers_the_most_accurate_feasible_model(tmp_path):
+    path = write_sweep(tmp_path, {"kernel": "choice(2,3,5)"}, settings={
+        "n_trials": 3, "sampler": {"name": "grid"}, "log_models": "all", "constraints": ["model.flops_per_image <= 20000000"],
+        "objectives": [{"metric": "model.flops_per_image", "direction": "minimize"}]})
+    with pytest.raises(ConfigError, match="sweep.constraints need a sampler that takes them"):
+        engine.optimize(load_sweep(str(path)), show_progress=False)  # grid can't take constraints
+    path = write_sweep(tmp_path, {"kernel": "choice(2,3,5)"}, name="front", settings={
+        "n_trials": 3, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 3}, "log_models": "all",
+        "constraints": ["model.flops_per_image <= 20000000"],  # kernel 5 (30 MFLOPs here) is beyond it
+        "objectives": [{"metric": "model.flops_per_image", "direction": "minimize"}], "study_name": "front"})
+    s = load_sweep(str(path))
+    result = engine.optimize(s, show_progress=False)
+    assert all(len(t.values) == 2 for t in result.trials)
+    champion = engine.register_champion(s, result)
+    by_number = {t.number: t for t in result.trials}
+    assert champion is not None and by_number[champion].user_attrs["flops"] <= 20_000_000
+    feasible = [t for t in result.trials if t.user_attrs["flops"] <= 20_000_000]
+    assert by_number[champion].values[0] == max(t.values[0] for t in feasible)
+    client, _, _ = mlflow_runs(tmp_path)
+    version = client.get_model_version_by_alias("cnnexp-front", "champion")
+    assert version.run_id == by_number[champion].user_attrs["mlflow_run_id"]
+    assert finish(s, result) == 0
+    summary = (tmp_path / "out" / "front" / "summary.md").read_text()
+    assert "## Accuracy against cost" in summary and "(champion, registered)" in summary
+    assert (tmp_path / "out" / "front" / "plots" / "pareto.png").stat().st_size > 5000

@@ -117,7 +117,7 @@ def _noise(main: pd.DataFrame, records: list[TrialRecord]) -> Noise:
 def analyse(study: optuna.Study, records: list[TrialRecord], facts: StudyRecord, answers_cfg) -> Analysis:
     precision, alpha = float(answers_cfg.precision), float(answers_cfg.alpha)
     result = Analysis(metric=facts.metric, design=facts.design, precision=precision, alpha=alpha, looks=facts.rounds)
-    result.failed = [r for r in records if r.complete and r.flag]
+    result.failed = [r for r in records if r.failed_outcome]
     for cell, runs in _by_cell(records).items():
         result.costs[cell] = _cost(runs)
     if facts.design:
@@ -248,10 +248,12 @@ def _searched(result: Analysis, study: optuna.Study, records: list[TrialRecord],
     """An optimiser's study: one additive model over every searched parameter, epochs from the full curves."""
     kinds = kinds_of(study)
     done = [r for r in records if r.complete]
-    table = pd.DataFrame([{**r.params, "objective": r.value, "seed": r.seed, "failed": bool(r.flag),
-                           "cell": cell_key(r.params)} for r in done])
+    table = pd.DataFrame([{**r.params, "objective": r.value, "seed": r.seed, "failed": r.failed_outcome,
+                           "cell": cell_key(r.params)} for r in records if r.complete or r.failed_outcome])
     params = sorted(kinds)
-    for answer in answers(table, params, kinds, alpha=alpha, precision=precision):
+    # A searched train.seed is a factor of its own: seed blocks would be the same columns again.
+    blocks = None if "train.seed" in kinds else "seed"
+    for answer in answers(table, params, kinds, alpha=alpha, precision=precision, seed_column=blocks):
         result.factors[answer.parameter] = answer
     longest = max((max(r.curve) for r in done if r.curve), default=0)
     full = [r.curve for r in done if r.curve and max(r.curve) == longest and "train.epochs" not in kinds]

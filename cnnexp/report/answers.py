@@ -80,7 +80,11 @@ def factor_answer(analysis: Analysis, parameter: str, answer: Answer) -> str:
                   for lv in answer.levels)
     ci = "95% simultaneous CI" if abs(answer.alpha - 0.05) < 1e-9 else f"simultaneous CI at error rate {answer.alpha:.3f}"
     head = f"**{label(parameter)}** (`{parameter}`"
-    head += f", {len(answer.levels)} values, compared at equal epochs)" if answer.kind == "categorical" else ", a slope)"
+    regime = analysis.regime
+    at = (f"{regime.train_images:,} images x {regime.epochs} epochs" if regime.train_images and regime.epochs
+          else "the study's regime")
+    head += (f", {len(answer.levels)} values, compared at equal epochs: {at})" if answer.kind == "categorical"
+             else f", a slope: {at})")
     if answer.verdict == "insufficient_data":
         return f"{head}: not enough data to say: {answer.why}."
     if answer.kind != "categorical":

@@ -104,7 +104,7 @@ def _study_lines(study: optuna.Study, records, facts: record.StudyRecord, analys
                      f"{pts(noise.eval_sd, False)}: {noise.eval_share:.0%} of the variance.")
     if analysis.failed:
         lines.append(f"Failed runs ({len(analysis.failed)}), counted per value and kept out of the accuracy model: "
-                     + "; ".join(f"trial {r.number} ({r.params}): {r.flag}" for r in analysis.failed) + ".")
+                     + "; ".join(f"trial {r.number} ({r.params}): {r.flag or r.error}" for r in analysis.failed) + ".")
     if analysis.looks:
         lines += ["", "Looks (each with its share of the error rate):", ""]
         lines += [f"- look {entry['round']}: error rate {entry['alpha']:.4f}, {entry['seconds_spent'] / 60:.1f} min spent"

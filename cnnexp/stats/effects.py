@@ -187,9 +187,10 @@ def answers(table: pd.DataFrame, params: list[str], kinds: dict[str, str], metri
         alpha: the error rate of every CI (simultaneous over a parameter's values).
         precision: what `equivalent` means (None: that verdict is never given).
     """
-    table = table[table[metric].notna()] if metric in table else table.iloc[:0]
-    usable = ~table[failed_column].fillna(False).astype(bool) if failed_column in table else \
-        pd.Series(True, index=table.index)
+    failed = table[failed_column].fillna(False).astype(bool) if failed_column in table else \
+        pd.Series(False, index=table.index)
+    table = table[table[metric].notna() | failed] if metric in table else table.iloc[:0]
+    usable = ~failed.loc[table.index]
     varying = [p for p in params if p in table and table.loc[usable, p].nunique() > 1]
     data = table[usable].dropna(subset=varying)
     fitted = fit(data, varying, kinds, metric, seed_column) if len(data) else None

@@ -110,15 +110,15 @@ def tables(records: list[TrialRecord], design: dict, up_to_round: int | None = N
     """
     main, base_epochs = design["main"], int(design.get("base_epochs") or 0)
     factors, curve_arm = design["vary"], design.get("curve_arm")
-    done = [r for r in records if r.complete and (up_to_round is None or r.round <= up_to_round)]
+    done = [r for r in records if (r.complete or r.failed_outcome) and (up_to_round is None or r.round <= up_to_round)]
     rows, measured, curve = [], {}, []
     for r in done:
         task = r.params.get("task")
-        common = {"trial": r.number, "seed": r.seed, "failed": bool(r.flag), "cell": cell_key(r.params),
+        common = {"trial": r.number, "seed": r.seed, "failed": r.failed_outcome, "cell": cell_key(r.params),
                   "test_accuracy": r.test_accuracy, "seconds": r.duration_s}
         if task == main:
             rows.append({**{f: r.params.get(f) for f in factors}, **common, "objective": r.value})
-        elif task == curve_arm:
+        elif task == curve_arm and r.complete:
             curve.append({**common, "curve": r.curve})
             at_base = r.value_at(base_epochs) if base_epochs else None
             if at_base is not None:
