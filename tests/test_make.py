@@ -154,5 +154,6 @@ def test_make_dashboard_prints_the_study_page_serves_it_and_stops(quick):
     url, left = serve_then_stop(["dashboard", "SWEEP=quick", f"STORAGE=sqlite:///{root / 'studies.db'}",
                                  f"DASHBOARD_PORT={free_port()}"], env,
                                 r"http://127\.0\.0\.1:\d+/dashboard/studies/\d+", "/api/studies")
-    assert url.endswith("/dashboard/studies/1")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{root / 'studies.db'}")
+    assert url.endswith(f"/dashboard/studies/{storage.get_study_id_from_name('quick')}")  # that sweep's, not the latest
     assert not left, f"still running after make dashboard was stopped: {left}"

@@ -67,7 +67,8 @@ def prepare(sweep: Sweep) -> optuna.Study:
     preflight(sweep)
     study = open_study(settings, sweep.space, sweep.expressions,
                        sweep.design.describe() if sweep.design is not None else None,
-                       StaleTrialCallback(int(settings.retry_failed)), metric_names=[str(settings.metric)])
+                       StaleTrialCallback(int(settings.retry_failed)),
+                       metric_names=[metric for metric, _ in objectives(settings)])
     apply_plan(sweep, study)
     if sweep.design is not None:
         enqueue_design(study, sweep)

@@ -68,7 +68,8 @@ def report_and_prune(trial: optuna.Trial, metric: str, epochs: int, prunable: bo
             value = (logs or {}).get(metric)
             if value is None or not math.isfinite(float(value)):
                 return  # the NaN guard in train fails the trial with the reason
-            trial.report(float(value), step=epoch + 1)
+            if len(trial.study.directions) == 1:  # Optuna keeps no intermediate values for several objectives
+                trial.report(float(value), step=epoch + 1)
             say(f"  trial {trial.number} epoch {epoch + 1}/{epochs}: " + "  ".join(
                 f"{k}={v:.4f}" for k, v in sorted((logs or {}).items())))
             if prunable and epoch + 1 < epochs and trial.should_prune():
@@ -250,7 +251,7 @@ class Objective:
         # Epochs restored from a checkpoint whose report did not reach the study before the kill.
         reported = self.study.get_trials(deepcopy=False)[trial.number].intermediate_values
         for epoch, score in enumerate(result.history.get(str(self.settings.metric), []), start=1):
-            if epoch not in reported and math.isfinite(score):
+            if epoch not in reported and math.isfinite(score) and not self.multi:
                 trial.report(score, step=epoch)
         metrics = result.metrics
         record.write(trial, error=None, test_accuracy=metrics["test_accuracy"], test_loss=metrics["test_loss"],

@@ -5,9 +5,8 @@ Pure (no Keras import), so that a config is validated in milliseconds.
 
 from __future__ import annotations
 
-from cnnexp import checks
+from cnnexp import checks, runtime
 from cnnexp.errors import ConfigError
-from cnnexp.runtime import cpu_flags, has_gpu
 
 OPTIMIZERS = {  # train.optimizer -> (Keras class, default learning rate, default momentum)
     "sgd": ("SGD", 0.01, 0.9), "adam": ("Adam", 3e-4, None), "adamw": ("AdamW", 3e-4, None),
@@ -102,11 +101,11 @@ def resolve_precision(train_cfg) -> str:
     """
     if train_cfg.precision != "auto":
         return str(train_cfg.precision)
-    native_bf16 = has_gpu() or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    native_bf16 = runtime.has_gpu() or bool({"avx512_bf16", "amx_bf16"} & runtime.cpu_flags())
     return "mixed_bfloat16" if native_bf16 else "float32"
 
 
 def steps_per_execution(train_cfg) -> int:
     """`auto`: 1 on a CPU (measured: no gain), 16 on an accelerator (fewer host round trips)."""
     value = train_cfg.steps_per_execution
-    return (16 if has_gpu() else 1) if value == "auto" else int(value)
+    return (16 if runtime.has_gpu() else 1) if value == "auto" else int(value)
