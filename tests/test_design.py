@@ -124,7 +124,7 @@ def test_a_designed_study_looks_after_each_round_and_adds_seeds_where_an_answer_
            "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}, "main": "cifar10",
                       "epochs": [2]},
            "answers": {"precision": 0.001, "looks": 2},  # a precision no tiny study settles: a second round must come
-           "sweep": {"budget": "3m", "storage": f"sqlite:///{tmp_path / 's.db'}", "output_dir": str(tmp_path / "out"),
+           "sweep": {"budget": "100s", "storage": f"sqlite:///{tmp_path / 's.db'}", "output_dir": str(tmp_path / "out"),
                      "estimate": False, "system_metrics": False, "log_models": "none"}}
     path = tmp_path / "rounds.yaml"
     path.write_text(yaml.safe_dump(doc))

@@ -158,4 +158,4 @@ def estimate(overrides: list[str], trials: int, epochs: int, train_images: int, 
     minutes = trials * timing.predict(train_images, epochs) / 60
     return (f"No GPU found ({runtime.device_description()}): up to {trials} trials x {epochs} epochs x {train_images:,} "
             f"training images, at ~{1 / timing.per_image:.0f} images/s of the base configuration: roughly "
-            f"{minutes:.0f} min (pruning and other configurations change this; sweep.budget plans instead).")
+            f"{minutes:.1f} min (pruning and other configurations change this; sweep.budget plans instead).")
