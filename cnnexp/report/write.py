@@ -142,7 +142,8 @@ def write_report(study: optuna.Study, settings, answers_cfg, compare: tuple[str,
         lines = [f"# Study `{study.study_name}`: {facts.metric} ({facts.direction})", "", *said,
                  *_study_lines(study, records, facts, analysis, settings), *_per_cell(analysis), "",
                  "## Questions (effects.csv)", "", _markdown(effects), "", *_best(study, facts),
-                 "## Trials", "", _markdown(trials_table(records).drop(columns=["error"], errors="ignore")), "",
+                 "## Trials", "",  # the regime line above already names the data; trials.csv keeps it per trial
+                 _markdown(trials_table(records).drop(columns=["error", "dataset_note"], errors="ignore")), "",
                  "Plots: " + ", ".join(p.name for p in plots), ""]
         (staging / "summary.md").write_text("\n".join(lines))
         _swap(staging, final)
