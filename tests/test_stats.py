@@ -211,3 +211,26 @@ def test_critical_values_are_interpolated_close_to_the_exact_studentized_range()
     for k, df in ((3, 7), (6, 25), (6, 45)):
         exact = stats.studentized_range.ppf(0.95, k, df) / np.sqrt(2)
         assert critical(0.05, k, df) == pytest.approx(exact, rel=0.005)
+
+
+def test_a_value_whose_runs_all_fail_is_answered_by_its_failure_rate_and_the_rest_by_accuracy():
+    """seed_check's case: lr 0.3 diverges or sits at chance in every run; the seed is no effect, the lr is."""
+    rng = np.random.default_rng(4)
+    rows = []
+    for seed in range(4):
+        for lr, mean in ((0.003, 0.20), (0.03, 0.30), (0.3, None)):
+            for _ in range(2):
+                failed = mean is None
+                rows.append({"train.seed": seed, "train.lr": lr, "failed": failed,
+                             "objective": 0.1 if failed else mean + rng.normal(0, 0.01)})
+    table = pd.DataFrame(rows)
+    kinds = {"train.seed": "categorical", "train.lr": "categorical"}
+    by = {a.parameter: a for a in answers(table, ["train.seed", "train.lr"], kinds, seed_column=None)}
+    lr = by["train.lr"]
+    assert lr.verdict == "effect" and [lv.value for lv in lr.failing] == [0.3] and lr.failure_p < 0.001
+    assert {lv.value for lv in lr.levels} == {0.003, 0.03} and lr.ci_low > 0.05  # the values that trained differ too
+    assert by["train.seed"].verdict != "effect"
+    # One failed run of one value, the others clean: not enough to call its failure rate an effect.
+    few = table[(table["train.lr"] != 0.3) | (table.index == table.index[table["train.lr"] == 0.3][0])]
+    lr = {a.parameter: a for a in answers(few, ["train.lr"], {"train.lr": "categorical"}, seed_column=None)}["train.lr"]
+    assert lr.failing and lr.failure_p > 0.05 and lr.verdict == "effect"  # only through the accuracy of 0.003 vs 0.03

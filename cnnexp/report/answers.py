@@ -72,7 +72,8 @@ def to_settle(answer: Answer, precision: float, seconds_per_run: float) -> str:
     factor = (half / max(target, 1e-9)) ** 2
     more = max(1, math.ceil(runs * (factor - 1)))
     minutes = more * seconds_per_run / 60 if math.isfinite(seconds_per_run) else float("nan")
-    return f"about {more} more runs ({minutes:.0f} min) at this noise would settle it"
+    cost = f" ({minutes:.0f} min)" if math.isfinite(minutes) else ""
+    return f"about {more} more runs{cost} at this noise would settle it"
 
 
 def factor_answer(analysis: Analysis, parameter: str, answer: Answer) -> str:
@@ -83,7 +84,7 @@ def factor_answer(analysis: Analysis, parameter: str, answer: Answer) -> str:
     regime = analysis.regime
     at = (f"{regime.train_images:,} images x {regime.epochs} epochs" if regime.train_images and regime.epochs
           else "the study's regime")
-    head += (f", {len(answer.levels)} values, compared at equal epochs: {at})" if answer.kind == "categorical"
+    head += (f", {len(answer.levels) + len(answer.failing)} values, compared at equal epochs: {at})" if answer.kind == "categorical"
              else f", a slope: {at})")
     if answer.verdict == "insufficient_data":
         return f"{head}: not enough data to say: {answer.why}."
@@ -103,12 +104,27 @@ def factor_answer(analysis: Analysis, parameter: str, answer: Answer) -> str:
                         f"{pts(answer.bound, False)} points better than another (absence of evidence, not evidence of "
                         f"absence); a difference of {pts(answer.mde, False)} points would be detected with 80% power",
     }[answer.verdict]
+    if answer.failing:
+        words = _failure_words(answer, words)
     text = f"{head}: {words}. Adjusted means (model-based, not scores of single runs): {n}."
     if parameter == "kernel":
         text += _even_kernels(answer)
     if parameter == "train.batch_size":
         text += _batch_explained(analysis, answer)
     return text + _cost_phrase(analysis, answer)
+
+
+def _failure_words(answer: Answer, words: str) -> str:
+    """A value whose runs all failed is answered by its failure rate; the values that trained by their accuracy."""
+    failing = "; ".join(f"{answer.parameter}={lv.value} failed in {lv.failed} of {lv.failed} runs (diverged or at chance)"
+                        for lv in answer.failing)
+    rates = "; ".join(f"{lv.value}: {lv.failed} of {lv.n + lv.failed}" for lv in answer.levels if lv.failed)
+    test = (f"the failure rate differs between values (p={answer.failure_p:.2g})" if answer.failure_p < answer.alpha
+            else f"the failure rates do not differ detectably (p={answer.failure_p:.2g})")
+    among = (f"among the values that trained, best ({answer.best}) minus worst ({answer.worst}) is "
+             f"{pts(answer.estimate)} points ({pts(answer.ci_low)} to {pts(answer.ci_high)})")
+    accuracy = words if (answer.ci_low > 0 or answer.ci_high < 0) else among
+    return f"{failing}: {test}{f' (failures elsewhere: {rates})' if rates else ''}; {accuracy}"
 
 
 def _even_kernels(answer: Answer) -> str:

@@ -67,6 +67,8 @@ class Answer:
     runs_needed: int = 0             # insufficient_data: more runs that would make it answerable
     why: str = ""                    # insufficient_data: what is missing
     pairs: list[tuple] = field(default_factory=list)  # (a, b, estimate, low, high) of every pair
+    failing: list[Level] = field(default_factory=list)  # values whose runs failed too often to have an accuracy
+    failure_p: float = float("nan")  # "the failure rate is the same at every value" (Fisher / chi-square)
 
     def settled(self) -> bool:
         return self.verdict in ("effect", "equivalent")
@@ -198,13 +200,37 @@ def answers(table: pd.DataFrame, params: list[str], kinds: dict[str, str], metri
     for p in params:
         levels = _levels(table, usable, p, metric) if p in table else []
         thin = [lv for lv in levels if lv.n < 2]
-        if p not in varying or fitted is None or (kinds.get(p, "categorical") == "categorical" and thin):
+        categorical = kinds.get(p, "categorical") == "categorical"
+        if categorical and thin and p in varying and fitted is not None and _answered_by_failures(fitted, p, levels):
+            out.append(_with_failures(fitted, p, levels, alpha, precision))
+        elif p not in varying or fitted is None or (categorical and thin):
             out.append(_insufficient(p, kinds.get(p, "categorical"), levels, thin, fitted, len(data), len(varying)))
-        elif kinds.get(p, "categorical") == "categorical":
+        elif categorical:
             out.append(_categorical(fitted, p, levels, alpha, precision))
         else:
             out.append(_slope(fitted, p, levels, alpha, precision))
     return out
+
+
+def _answered_by_failures(fitted: Fit, p: str, levels: list[Level]) -> bool:
+    """Values left without an accuracy because their runs failed (none trained) are answered by their failure rate,
+    the values that trained by their accuracy: a learning rate that diverges is an answer, not missing data."""
+    trained = [lv for lv in levels if lv.n >= 2]
+    failing = [lv for lv in levels if lv.n < 2]
+    return (len(trained) >= 2 and all(lv.n == 0 and lv.failed > 0 for lv in failing)
+            and list(fitted.terms[p].levels) == [lv.value for lv in trained])
+
+
+def _with_failures(fitted: Fit, p: str, levels: list[Level], alpha: float, precision: float | None) -> Answer:
+    trained = [lv for lv in levels if lv.n >= 2]
+    answer = _categorical(fitted, p, trained, alpha, precision)
+    answer.failing, answer.failure_p = [lv for lv in levels if lv.n < 2], failures(levels)
+    if answer.failure_p < alpha:  # the value changes the outcome: its runs fail
+        answer.verdict = "effect"
+    elif answer.verdict == "equivalent":  # values without an accuracy can't be called equivalent to the others
+        answer.verdict = "not_detected"
+    answer.p_value = min(answer.p_value, answer.failure_p)
+    return answer
 
 
 def _insufficient(p: str, kind: str, levels: list[Level], thin: list[Level], fitted: Fit | None, runs: int,
@@ -224,10 +250,12 @@ def _insufficient(p: str, kind: str, levels: list[Level], thin: list[Level], fit
 
 
 def failures(levels: list[Level]) -> float:
-    """p-value of "the failure rate is the same at every value" (Fisher's exact test for 2 values, else chi-square)."""
+    """p-value of "the failure rate is the same at every value": Fisher's exact test of each value against the rest,
+    Bonferroni over the values (exact, so a single failed run among few is never called a different rate)."""
     table = np.array([[lv.failed, lv.n] for lv in levels if lv.failed + lv.n > 0])
     if len(table) < 2 or table[:, 0].sum() == 0:
         return 1.0
     if len(table) == 2:
         return float(stats.fisher_exact(table)[1])
-    return float(stats.chi2_contingency(table + 0.5)[1])  # +0.5: small counts
+    total = table.sum(axis=0)
+    return min(1.0, len(table) * min(float(stats.fisher_exact([row, total - row])[1]) for row in table))
