@@ -68,7 +68,7 @@ class Answer:
     why: str = ""                    # insufficient_data: what is missing
     pairs: list[tuple] = field(default_factory=list)  # (a, b, estimate, low, high) of every pair
     failing: list[Level] = field(default_factory=list)  # values whose runs failed too often to have an accuracy
-    failure_p: float = float("nan")  # "the failure rate is the same at every value" (Fisher / chi-square)
+    failure_p: float = float("nan")  # "the failure rate is the same at every value" (exact, see `failures`)
 
     def settled(self) -> bool:
         return self.verdict in ("effect", "equivalent")
