@@ -55,7 +55,7 @@ def describe(values: dict) -> str:
     return " ".join(parts)
 
 
-def report_and_prune(trial: optuna.Trial, metric: str, epochs: int, prunable: bool):
+def report_and_prune(trial: optuna.Trial, metric: str, epochs: int, prunable: bool, report: bool = True):
     """Report the objective each epoch and prune between epochs (never after the last one)."""
     keras = runtime.keras()
 
@@ -68,7 +68,7 @@ def report_and_prune(trial: optuna.Trial, metric: str, epochs: int, prunable: bo
             value = (logs or {}).get(metric)
             if value is None or not math.isfinite(float(value)):
                 return  # the NaN guard in train fails the trial with the reason
-            if len(trial.study.directions) == 1:  # Optuna keeps no intermediate values for several objectives
+            if report:  # Optuna keeps no intermediate values for several objectives
                 trial.report(float(value), step=epoch + 1)
             say(f"  trial {trial.number} epoch {epoch + 1}/{epochs}: " + "  ".join(
                 f"{k}={v:.4f}" for k, v in sorted((logs or {}).items())))
@@ -133,7 +133,8 @@ class Objective:
                 result = run(cfg, overrides=attempt.overrides, parent_run_id=self.parent_run_id, run_id=child.run_id,
                              run_name=attempt.name, checkpoint_dir=folder, validated=True, datasets=self.datasets,
                              callbacks=[report_and_prune(trial, str(self.settings.metric), int(cfg.train.epochs),
-                                                         prunable=attempt.repeat_of is None and not self.multi)])
+                                                         prunable=attempt.repeat_of is None and not self.multi,
+                                                         report=not self.multi)])
             values = [self._value(result, metric) for metric, _ in objectives(self.settings)]
             self._record(trial, result, child, values[0])
         except optuna.TrialPruned as err:
