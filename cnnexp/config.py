@@ -30,13 +30,69 @@ SHORTCUTS = {
 def compose_config(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
     """Compose `conf/<config_name>.yaml` with Hydra overrides and validate it.
 
+    Every override is checked before Hydra sees it (`check_overrides`); Hydra's own errors (an
+    unknown group option, a key that needs '+') become one ConfigError line.
+
     Args:
         overrides: Hydra override strings, e.g. ["+kernel=7", "train.epochs=1"].
     """
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=effective_overrides(overrides))
+    overrides = effective_overrides(check_overrides(list(overrides)))
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+    except Exception as err:  # noqa: BLE001 - Hydra's and OmegaConf's errors: one line, with a hint
+        raise ConfigError(_hydra_error(err, overrides)) from None
     validate_config(cfg)
     return cfg
+
+
+def check_overrides(overrides: list[str], where: str = "override") -> list[str]:
+    """Refuse what would let an override load code, before Hydra composes anything.
+
+    `hydra.searchpath=[pkg://x]` makes Hydra import the Python package x (from the working folder,
+    which `python -m` puts first on sys.path); `hydra/...` picks launchers and plugins; an
+    `@package` override can write into the `hydra` node. cnnexp sets Hydra's own settings itself.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            parsed = parser.parse_overrides([text])[0]
+        except Exception as err:  # noqa: BLE001 - Hydra's grammar errors
+            raise ConfigError(f"{where} {text!r} is not valid Hydra syntax ({str(err).splitlines()[0]}).") from None
+        if _loads_code(parsed.key_or_group) or parsed.package is not None:
+            raise ConfigError(f"{where} {text!r} is refused: {REFUSED}")
+    return overrides
+
+
+REFUSED = ("hydra.* keys and @package overrides change where Hydra loads configs and code from (hydra.searchpath "
+           "imports Python packages); cnnexp sets Hydra's own settings itself.")
+
+
+def check_keys(keys: Iterable[str], where: str) -> None:
+    """The same refusal for keys a sweep file searches or fixes (`params:`, `design.baseline`)."""
+    for key in keys:
+        if _loads_code(str(key).lstrip("+~")) or "@" in str(key):
+            raise ConfigError(f"{where} {str(key)!r} is refused: {REFUSED}")
+
+
+def _loads_code(key: str) -> bool:
+    return key.replace("/", ".").split(".")[0] == "hydra"
+
+
+def _hydra_error(err: Exception, overrides: list[str]) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    if "Available options" in " ".join(lines):  # `dataset=nosuch`: name the options, not Hydra's search path
+        at = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        options = [line for line in lines[at + 1:] if not line.startswith(("Config search path", "provider="))]
+        return f"{first}; {lines[at].rstrip(':').lower()}: {', '.join(options)}."
+    for text in overrides:
+        key = text.partition("=")[0]
+        if key in SHORTCUTS:  # `kernel=7`: the shortcuts are not config keys, so Hydra needs '+'
+            return f"{key} is a shortcut, not a config key: write +{text} ({first})"
+    return first
 
 
 @cache
@@ -112,7 +168,8 @@ def anchor_paths(overrides: Iterable[str], root: Path) -> list[str]:
 
 
 def _is_path_key(key: str) -> bool:
-    return key.lstrip("+").endswith(("path", "cache_dir", "artifact_root"))
+    return key.lstrip("+").startswith(("dataset.", "tracking.", "sweep.")) and key.endswith(
+        ("path", "cache_dir", "artifact_root"))
 
 
 def _is_absolute(value: str) -> bool:

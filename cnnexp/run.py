@@ -1,26 +1,27 @@
 """One experiment: `python -m cnnexp.run [overrides]`, e.g. `python -m cnnexp.run +kernel=7`.
 
-`run(cfg)` is the function that tests, sweeps and benchmarks call; `main` is a thin Hydra
-wrapper that prints the score like the notebook did.
+`run(cfg)` is the function that tests, sweeps and benchmarks call; `main(argv)` is a thin CLI
+over Hydra's compose API that prints the score like the notebook did.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp import CONF_DIR, runtime
-from cnnexp.config import SHORTCUTS, overrides_to_command, validate_config
+from cnnexp import console, runtime, stop
+from cnnexp.config import SHORTCUTS, compose_config, overrides_to_command, validate_config
 from cnnexp.console import setup_logging
 from cnnexp.data.load import Dataset, describe, load_dataset
-from cnnexp.errors import CnnexpError
+from cnnexp.errors import CnnexpError, ConfigError
 from cnnexp.model.build import build_model
 from cnnexp.model.layers import LayerSpec, layers_config, layers_from_config, layers_text
 from cnnexp.model.shapes import Cost, cost, validate_architecture
@@ -194,24 +195,79 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
                      example=dataset.x_test[:4])
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    from hydra.core.hydra_config import HydraConfig
+USAGE = """usage: python -m cnnexp.run [-v] [override ...]
 
-    setup_logging(verbose=bool(cfg.get("verbose", False)))
-    overrides = list(HydraConfig.get().overrides.task)
+One experiment: train, evaluate, log to MLflow, print the score. Overrides are Hydra's
+(key=value; +kernel=7, +filters=32, +width=0.5, +batchnorm=false for the shortcuts), e.g.
+    python -m cnnexp.run +kernel=7 train.epochs=1
+hydra.* keys and Hydra's own flags (--config-dir, --cfg, --multirun, --experimental-rerun) are
+not taken. -v shows the libraries' own logging. Exit codes: 0 done, 2 bad input (one line),
+130 stopped (SIGTERM, SIGHUP, Ctrl-C: the MLflow run ends KILLED)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: one line and exit 2 for bad input, exit 130 with the run ended KILLED on a stop signal."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(args):
+        print(USAGE)
+        return 0
+    verbose = bool({"-v", "--verbose"} & set(args))
+    args = [a for a in args if a not in ("-v", "--verbose")]
+    runtime.setup_environment()
+    setup_logging(verbose)
     try:
-        result = run(cfg, overrides=overrides)
+        with stop.on_signals():
+            result = _main(args)
     except CnnexpError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"test loss: {result.metrics['test_loss']:.4f}")
-    print(f"test accuracy: {result.metrics['test_accuracy']:.4f}")
-    print(f"({result.metrics['images_per_second']:.0f} images/s in training; {result.cost.params:,} parameters, "
-          f"{result.cost.flops / 1e6:.1f} MFLOPs per image; MLflow run {result.run_id or 'not logged'})")
-    return result.metrics["test_accuracy"]
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"error: stopped ({err or 'SIGINT'}); the MLflow run is ended KILLED, nothing else was written.",
+              file=sys.stderr)
+        return 130
+    console.say(f"test loss: {result.metrics['test_loss']:.4f}")
+    console.say(f"test accuracy: {result.metrics['test_accuracy']:.4f}")
+    console.say(f"({result.metrics['images_per_second']:.0f} images/s in training; {result.cost.params:,} parameters, "
+                f"{result.cost.flops / 1e6:.1f} MFLOPs per image; MLflow run {result.run_id or 'not logged'})")
+    return 0
+
+
+def _main(args: list[str]) -> RunResult:
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"{flags[0]!r} is not an option of python -m cnnexp.run (only -v and --help; Hydra's own "
+                          "flags are not taken): give key=value overrides.")
+    repeated = sorted({k for k in (a.partition("=")[0].lstrip("+~") for a in args)
+                       if [b.partition("=")[0].lstrip("+~") for b in args].count(k) > 1})
+    if repeated:
+        raise ConfigError(f"{repeated[0]} is given twice on the command line: keep one.")
+    cfg = compose_config(args)
+    datasets = DatasetMemo()
+    prepare(cfg, datasets=datasets)  # every refusal happens before anything is written
+    folder = run_folder(cfg, args)
+    log.info("Run folder: %s", folder)
+    return run(cfg, overrides=args, validated=True, datasets=datasets)
+
+
+def run_folder(cfg: DictConfig, overrides: Sequence[str]) -> Path:
+    """`<output_dir>/runs/<time>/` as Hydra made it: the composed config, the overrides, and `run.log`.
+
+    Made only once the run is about to train, so that a refused run writes nothing.
+    """
+    base = Path(os.path.expanduser(str(cfg.output_dir))) / "runs"
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    folder = base / stamp
+    suffix = 1
+    while folder.exists():  # two runs started in the same second
+        folder, suffix = base / f"{stamp}_{suffix}", suffix + 1
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (folder / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    handler = logging.FileHandler(folder / "run.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return folder
 
 
 if __name__ == "__main__":
-    runtime.setup_environment()
-    main()
+    sys.exit(main())

@@ -328,3 +328,46 @@ def test_sweep_settings_from_the_file_are_checked_like_the_command_line(tmp_path
     path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"grace_period": 5, "heartbeat_interval": 10})
     one_line_error(sweep_cli(tmp_path, "--sweep", str(path)), "sweep.grace_period=5 must be >= 11")
     assert OmegaConf.is_config(load_sweep(str(write_sweep(tmp_path, {"kernel": "choice(3,5)"}))).settings)
+
+
+# === Round 3 =====================================================================================================
+# --- 1. no code from any file or override -----------------------------------------------------------------------
+
+PROBE = "from pathlib import Path\nPath(__file__).with_name('PROBE-RAN').write_text(__name__)\n"
+
+
+def test_no_module_in_the_working_folder_runs_from_any_entry_point_and_hydra_keys_are_refused(tmp_path):
+    # hostile_probe is what hydra.searchpath=[pkg://...] would import; the others shadow libraries the CLIs
+    # import later (python -m puts the working folder first on sys.path).
+    for name in ("hostile_probe", "yaml", "tqdm", "pynvml", "optuna_dashboard", "matplotlib"):
+        (tmp_path / f"{name}.py").write_text(PROBE)
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    settings = {"storage": storage, "output_dir": str(tmp_path / "out")}
+    bundles = {"file.yaml": {"overrides": ["hydra.searchpath=[pkg://hostile_probe]"], "params": {"kernel": "choice(3,5)"}},
+               "key.yaml": {"params": {"hydra.searchpath": "choice([pkg://hostile_probe])"}},
+               "arm.yaml": {"design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]},
+                                       "arms": {"x": ["hydra.searchpath=[pkg://hostile_probe]"]}}}}
+    for name, doc in bundles.items():
+        (tmp_path / name).write_text(yaml.safe_dump({**doc, "sweep": settings}))
+    refused = "is refused: hydra.* keys"
+    cases = [
+        (["cnnexp.run", "hydra.searchpath=[pkg://hostile_probe]"], refused),
+        (["cnnexp.run", "++hydra.job.chdir=true"], refused),
+        (["cnnexp.run", "hydra/launcher=basic"], refused),
+        (["cnnexp.run", "dataset@hydra=cifar10"], refused),
+        (["cnnexp.run", "--experimental-rerun", "config.pickle"], "is not an option of python -m cnnexp.run"),
+        (["cnnexp.run", "--config-dir", "."], "is not an option of python -m cnnexp.run"),
+        (["cnnexp.sweep", "--sweep", "file.yaml"], "file.yaml: overrides: 'hydra.searchpath"),
+        (["cnnexp.sweep", "--sweep", "key.yaml"], "key.yaml: the key 'hydra.searchpath' " + refused),
+        (["cnnexp.sweep", "--sweep", "arm.yaml"], "design.arms.x: 'hydra.searchpath"),
+        (["cnnexp.sweep", "--sweep", "file.yaml", "+hydra.searchpath=[pkg://hostile_probe]"], "hydra.searchpath"),
+        (["cnnexp.report", "tiny", "--storage", storage], "No study 'tiny'"),
+        (["cnnexp.ui", "mlflow-url", "--sweep", "file.yaml", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], None),
+    ]
+    for args, wanted in cases:
+        proc = run_cli(*args, cwd=tmp_path)
+        assert "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        if wanted is not None:
+            one_line_error(proc, wanted)
+        assert not (tmp_path / "PROBE-RAN").exists(), (args, (tmp_path / "PROBE-RAN").read_text())
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "out").exists()

@@ -21,7 +21,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSw
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cnnexp import PROJECT_ROOT, SWEEPS_DIR
-from cnnexp.config import anchor_paths, compose_config
+from cnnexp.config import anchor_paths, check_keys, check_overrides, compose_config
 from cnnexp.errors import ConfigError
 from cnnexp.model.layers import layers_from_config
 from cnnexp.model.shapes import validate_architecture
@@ -100,6 +100,7 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
     """
     path = sweep_path(name)
     merged = _read(path)
+    _refuse_hydra(merged, path, cli_overrides)
     parser = OverridesParser.create()
     expressions = {str(k).lstrip("+"): str(v) for k, v in merged.params.items()}
     # Paths in a sweep file are relative to the project (../shared/data/...), whatever the working folder.
@@ -129,6 +130,17 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
                   add_keys=add_keys, path=path, design=design, answers=merged.answers)
     check_trials(sweep)
     return sweep
+
+
+def _refuse_hydra(merged: DictConfig, path: Path, cli_overrides: Sequence[str]) -> None:
+    """No hydra.* key from the file or the command line reaches Hydra (they can make it import code)."""
+    check_overrides([str(o) for o in merged.overrides], f"{path}: overrides:")
+    check_keys([*merged.params, *(merged.design.get("baseline") or {}), *(merged.design.get("vary") or {})],
+               f"{path}: the key")
+    for arm, overrides in (merged.design.get("arms") or {}).items():
+        check_overrides([str(o) for o in overrides], f"{path}: design.arms.{arm}:")
+    check_overrides([o for o in cli_overrides if not o.startswith(("sweep.", "answers.", "design."))],
+                    "command-line override")
 
 
 def _with_baseline(design: Design, fixed: list[str], base_cfg: DictConfig) -> tuple[list[str], DictConfig]:
