@@ -161,8 +161,8 @@ def _sweep_file(tmp: Path, size: dict, name: str, pruner: dict, trials: int, par
 def bench_trial_overhead(size: dict, tmp: Path) -> dict:
     """K sweep trials vs K bare fits of exactly the trials' configurations."""
     from cnnexp.config import compose_config
-    from cnnexp.sweep import engine
-    from cnnexp.sweep.space import load_sweep
+    from cnnexp.study import engine
+    from cnnexp.study.space import load_sweep
 
     k = size["sweep_trials"]
     path = _sweep_file(tmp, size, "overhead", {"name": "none"}, k, {"kernel": "choice(3,5)"})
@@ -184,8 +184,8 @@ def bench_trial_overhead(size: dict, tmp: Path) -> dict:
 
 
 def bench_pruning(size: dict, tmp: Path) -> dict:
-    from cnnexp.sweep import engine
-    from cnnexp.sweep.space import load_sweep
+    from cnnexp.study import engine
+    from cnnexp.study.space import load_sweep
 
     params = {"kernel": "choice(2,3,5,7)", "train.lr": "tag(log, interval(0.001, 0.3))"}
     out = {}
@@ -206,14 +206,14 @@ def bench_pruning(size: dict, tmp: Path) -> dict:
 
 
 def bench_memory(size: dict, tmp: Path) -> dict:
-    from cnnexp.sweep import engine
-    from cnnexp.sweep.space import load_sweep
+    from cnnexp.study import engine
+    from cnnexp.study.space import load_sweep
 
     n = size["memory_trials"]
     path = _sweep_file(tmp, size, "memory", {"name": "none"}, n, {"kernel": "choice(2,3,4,5,6,7)"})
     loaded = load_sweep(str(path))
     samples = []
-    from cnnexp.sweep import objective
+    from cnnexp.study import objective
 
     real_run = objective.run
 

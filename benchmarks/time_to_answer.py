@@ -59,9 +59,9 @@ def _file(folder: Path, name: str, side: dict, tpe: bool = False, timeout: float
 def run_side(path: Path) -> dict:
     """Run one study to its own end, write its report, and count what it trained."""
     from cnnexp import record
-    from cnnexp.sweep import engine
-    from cnnexp.sweep.__main__ import report
-    from cnnexp.sweep.space import load_sweep
+    from cnnexp.study import engine
+    from cnnexp.study.space import load_sweep
+    from cnnexp.sweep import report
 
     began = time.perf_counter()
     loaded = load_sweep(str(path))

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from cnnexp.errors import CnnexpError, StorageError
-from cnnexp.sweep.space import sweep_path
+from cnnexp.study.space import sweep_path
 from cnnexp.tracking.views import dashboard_target, dashboard_url, study_runs_url
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

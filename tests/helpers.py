@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 from mlflow import MlflowClient
 
-from cnnexp.sweep import study
+from cnnexp.study import optuna_study as study
 from tests.conftest import CIFAR_JPEG, tracking_overrides
 
 # Adam learns 1,000 CIFAR-10 images to ~20% test accuracy in 2 epochs at quarter width: clearly above chance.
@@ -51,6 +51,6 @@ def config_seeds(s):
 
 def finish(s, result) -> int:
     """What the sweep CLI does after the last trial: the report, then the parent run ended."""
-    from cnnexp.sweep.__main__ import report
+    from cnnexp.sweep import report
 
     return report(s, result)

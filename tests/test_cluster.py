@@ -20,8 +20,9 @@ import pytest
 from mlflow import MlflowClient
 
 from cnnexp import PROJECT_ROOT
-from cnnexp.sweep import engine, study
-from cnnexp.sweep.space import load_sweep
+from cnnexp.study import engine
+from cnnexp.study import optuna_study as study
+from cnnexp.study.space import load_sweep
 from tests.helpers import finish
 from tests.test_sweep import config_seeds, mlflow_runs, write_sweep
 

@@ -5,11 +5,11 @@ import pytest
 import yaml
 
 from cnnexp.errors import ConfigError
-from cnnexp.sweep import budget, engine
-from cnnexp.sweep.design import load_design
-from cnnexp.sweep.settings import parse_budget
-from cnnexp.sweep.space import load_sweep
-from cnnexp.sweep.study import open_study
+from cnnexp.study import budget, engine
+from cnnexp.study.design import load_design
+from cnnexp.study.optuna_study import open_study
+from cnnexp.study.settings import parse_budget
+from cnnexp.study.space import load_sweep
 from tests.conftest import CIFAR_JPEG
 
 
@@ -32,7 +32,7 @@ def test_the_default_study_asks_all_five_questions():
 
 def test_data_given_for_the_study_reaches_the_main_task_and_never_an_arm_with_its_own_dataset(tmp_path):
     from cnnexp.config import compose_config
-    from cnnexp.sweep.space import trial_overrides
+    from cnnexp.study.space import trial_overrides
 
     sweep_file = tmp_path / "arms.yaml"
     sweep_file.write_text(yaml.safe_dump({

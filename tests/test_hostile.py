@@ -27,9 +27,9 @@ from PIL import Image
 from cnnexp.config import compose_config
 from cnnexp.data import load, locate
 from cnnexp.errors import DataError
-from cnnexp.sweep import engine
-from cnnexp.sweep.space import load_sweep
-from cnnexp.sweep.study import open_study
+from cnnexp.study import engine
+from cnnexp.study.optuna_study import open_study
+from cnnexp.study.space import load_sweep
 from tests.conftest import CIFAR_JPEG, run_cli, tracking_overrides
 from tests.helpers import finish, write_sweep
 
@@ -273,8 +273,8 @@ def test_an_artifact_store_on_a_full_disk_never_leaves_a_run_running_or_fails_a_
 
 @needs_cifar
 def test_an_interrupted_report_ends_the_parent_run_and_leaves_no_half_report(tmp_path, monkeypatch, capsys):
-    from cnnexp.report import write as writer
-    from cnnexp.sweep.__main__ import report
+    from cnnexp.reporting import write as writer
+    from cnnexp.sweep import report
 
     path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"n_trials": 1})
     s = load_sweep(str(path))

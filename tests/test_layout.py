@@ -47,14 +47,12 @@ def test_no_import_cycles_counting_sub_packages_and_imports_inside_functions():
     modules = _modules()
     graph = _imports(modules)
 
-    def package(name: str) -> str:  # cnnexp.sweep.engine -> cnnexp.sweep; cnnexp.run -> cnnexp.run
+    def package(name: str) -> str:  # cnnexp.study.engine -> cnnexp.study; cnnexp.run -> cnnexp.run
         parts = name.split(".")
         return ".".join(parts[:2])
 
     stages = {}
     for name, targets in graph.items():
-        if name.endswith("__main__"):  # entry points sit on top of every stage
-            continue
         stages.setdefault(package(name), set()).update(package(t) for t in targets if package(t) != package(name))
 
     def cycle(g, start):
@@ -70,19 +68,21 @@ def test_no_import_cycles_counting_sub_packages_and_imports_inside_functions():
 
     assert not {" -> ".join(c) for m in graph if (c := cycle(graph, m))}
     assert not {" -> ".join(c) for m in stages if (c := cycle(stages, m))}
-    assert {"cnnexp.data.load", "cnnexp.sweep.engine", "cnnexp.report.write", "cnnexp.tracking.runs"} <= set(graph)
+    assert {"cnnexp.data.load", "cnnexp.study.engine", "cnnexp.reporting.write", "cnnexp.tracking.runs"} <= set(graph)
 
 
-def test_the_report_is_the_last_stage_and_nothing_below_imports_the_sweep():
+def test_the_study_and_the_report_never_import_each_other_and_only_the_clis_join_them():
+    """`cnnexp.sweep`, `cnnexp.report` and `cnnexp.ui` are the CLIs that join the stages; nothing imports them,
+    the study (cnnexp.study) never imports the report (cnnexp.reporting) nor the reverse. No exemption."""
     graph = _imports(_modules())
-    entry_points = {"cnnexp.report.__main__", "cnnexp.sweep.__main__", "cnnexp.ui"}
+    clis = {"cnnexp.sweep", "cnnexp.report", "cnnexp.ui"}
+    assert clis <= set(graph)
     for name, targets in graph.items():
-        if name in entry_points:
-            continue
-        if not name.startswith("cnnexp.report"):
-            assert not any(t.startswith("cnnexp.report") for t in targets), f"{name} imports the report"
-        if not name.startswith("cnnexp.sweep"):
-            assert not any(t.startswith("cnnexp.sweep") for t in targets), f"{name} imports the sweep"
+        assert not targets & clis, f"{name} imports a CLI: {targets & clis}"
+        if name.startswith("cnnexp.study"):
+            assert not any(t.startswith("cnnexp.reporting") for t in targets), f"{name} imports the report"
+        if name.startswith("cnnexp.reporting"):
+            assert not any(t.startswith("cnnexp.study") for t in targets), f"{name} imports the study"
 
 
 def test_modules_and_functions_stay_small():
@@ -109,7 +109,7 @@ def test_package_inits_are_thin():
         assert all((n.module if isinstance(n, ast.ImportFrom) else n.names[0].name) in allowed for n in imports), path
 
 
-@pytest.mark.parametrize("module", ["cnnexp.runtime", "cnnexp.run", "cnnexp.sweep.engine", "cnnexp.report.write"])
+@pytest.mark.parametrize("module", ["cnnexp.runtime", "cnnexp.run", "cnnexp.study.engine", "cnnexp.reporting.write"])
 def test_importing_a_module_changes_no_environment_variable(module):
     code = (f"import os, json; before = dict(os.environ); import importlib; importlib.import_module({module!r}); "
             "print(json.dumps(sorted(k for k in os.environ if os.environ.get(k) != before.get(k))))")

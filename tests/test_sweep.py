@@ -11,8 +11,9 @@ from cnnexp.config import compose_config
 from cnnexp.errors import ConfigError, StorageError
 from cnnexp.model.layers import layers_from_config
 from cnnexp.model.shapes import validate_architecture
-from cnnexp.sweep import engine, objective, space, study
-from cnnexp.sweep.space import load_sweep
+from cnnexp.study import engine, objective, space
+from cnnexp.study import optuna_study as study
+from cnnexp.study.space import load_sweep
 from tests.conftest import CIFAR_JPEG
 from tests.helpers import config_seeds, finish, mlflow_runs, states, write_sweep
 
@@ -313,7 +314,7 @@ def test_log_models_all_or_none(tmp_path, log_models):
 
 @needs_cifar
 def test_the_estimate_says_what_it_counts(tmp_path):
-    from cnnexp.sweep.budget import estimate
+    from cnnexp.study.budget import estimate
 
     path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"n_trials": 4})
     s = load_sweep(str(path))

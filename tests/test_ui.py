@@ -24,8 +24,8 @@ from types import SimpleNamespace
 import pytest
 
 from cnnexp import PROJECT_ROOT
-from cnnexp.sweep import engine
-from cnnexp.sweep.space import load_sweep
+from cnnexp.study import engine
+from cnnexp.study.space import load_sweep
 from cnnexp.tracking import views
 from tests.conftest import run_cli
 from tests.test_sweep import mlflow_runs, write_sweep

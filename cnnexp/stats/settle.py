@@ -1,6 +1,6 @@
 """One look at a designed study's questions: each one's answer at this look's error rate, and what is undecided.
 
-The questions of a design (`cnnexp.sweep.design`):
+The questions of a design (`cnnexp.study.design`):
 - each varied factor (kernel, width, batch size, ...): its values, the baseline's among them, compared
   in the main task's model (`cnnexp.stats.effects`);
 - the epochs question: the curve of the baseline trained longer (`cnnexp.stats.curves`);

@@ -1,7 +1,7 @@
 """The sweep's loop: an Optuna study run to its end, by as many workers as join it.
 
 The loop is Optuna's own `study.optimize`: it owns heartbeats, stale trials and trial states;
-`cnnexp.sweep.objective` is the trial. This module adds what a sweep needs around it: checks before
+`cnnexp.study.objective` is the trial. This module adds what a sweep needs around it: checks before
 the first trial, the plan of a budget, a designed study's cells and rounds, the MLflow parent run,
 waiting for other workers, and repeats. The report is not written here: the CLI hands the
 finished study to `cnnexp.report` (the last stage).
@@ -27,11 +27,11 @@ from cnnexp.locks import store_lock
 from cnnexp.paths import check_writable
 from cnnexp.run import prepare as load
 from cnnexp.stats.settle import cell_key
-from cnnexp.sweep import budget, rounds
-from cnnexp.sweep.objective import STOP_REQUESTED, Interrupted, Objective, StaleTrialCallback, describe
-from cnnexp.sweep.settings import constraint, objectives, parse_budget
-from cnnexp.sweep.space import Sweep, trial_overrides
-from cnnexp.sweep.study import Constraints, StudyFull, checkpoint_root, config_key, count_trials, open_study
+from cnnexp.study import budget, rounds
+from cnnexp.study.objective import STOP_REQUESTED, Interrupted, Objective, StaleTrialCallback, describe
+from cnnexp.study.optuna_study import Constraints, StudyFull, checkpoint_root, config_key, count_trials, open_study
+from cnnexp.study.settings import constraint, objectives, parse_budget
+from cnnexp.study.space import Sweep, trial_overrides
 from cnnexp.tracking import runs, store, views
 
 WAITING, RUNNING = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING

@@ -10,10 +10,10 @@ from omegaconf import OmegaConf
 from cnnexp import record, runtime
 from cnnexp.console import setup_logging
 from cnnexp.errors import CnnexpError
-from cnnexp.report.analysis import analyse
-from cnnexp.report.write import write_report
-from cnnexp.sweep.settings import DEFAULTS, study_name
-from cnnexp.sweep.study import load_study
+from cnnexp.reporting.analysis import analyse
+from cnnexp.reporting.write import write_report
+from cnnexp.study.optuna_study import load_study
+from cnnexp.study.settings import DEFAULTS, study_name
 
 
 def main(argv=None) -> int:

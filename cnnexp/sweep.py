@@ -17,12 +17,12 @@ import sys
 from cnnexp import runtime
 from cnnexp.console import say, setup_logging
 from cnnexp.errors import CnnexpError
-from cnnexp.report.write import write_report
-from cnnexp.sweep.engine import RecycleProcess, end_parent, optimize, preflight, register_champion
-from cnnexp.sweep.objective import STOP_REQUESTED, Interrupted
-from cnnexp.sweep.space import Sweep, load_sweep
-from cnnexp.sweep.study import open_study
-from cnnexp.sweep.workers import run_workers
+from cnnexp.reporting.write import write_report
+from cnnexp.study.engine import RecycleProcess, end_parent, optimize, preflight, register_champion
+from cnnexp.study.objective import STOP_REQUESTED, Interrupted
+from cnnexp.study.optuna_study import open_study
+from cnnexp.study.space import Sweep, load_sweep
+from cnnexp.study.workers import run_workers
 
 
 def _on_sigterm(signum, frame):
@@ -66,7 +66,7 @@ def _run(args) -> int:
     else:
         if sweep.settings.estimate and not sweep.settings.get("budget") and os.environ.get("CNNEXP_WORKER") is None \
                 and not runtime.has_gpu():
-            from cnnexp.sweep.budget import estimate
+            from cnnexp.study.budget import estimate
 
             say(estimate(sweep.overrides, int(sweep.settings.n_trials), int(sweep.base.train.epochs),
                          int(sweep.base.dataset.train_limit or 45000)))

@@ -26,10 +26,10 @@ from cnnexp.console import say
 from cnnexp.errors import CnnexpError
 from cnnexp.run import DatasetMemo, RunResult, run
 from cnnexp.stats.settle import cell_key
-from cnnexp.sweep.budget import Plan
-from cnnexp.sweep.settings import objectives
-from cnnexp.sweep.space import Sweep, suggest, trial_overrides
-from cnnexp.sweep.study import LOST, assign_seed, checkpoint_root
+from cnnexp.study.budget import Plan
+from cnnexp.study.optuna_study import LOST, assign_seed, checkpoint_root
+from cnnexp.study.settings import objectives
+from cnnexp.study.space import Sweep, suggest, trial_overrides
 from cnnexp.tracking import runs, store, views
 
 # Set by SIGTERM (scancel, Kubernetes). Raising from the signal handler can land inside library

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnexp.record import TrialRecord
-from cnnexp.report.analysis import Analysis
+from cnnexp.reporting.analysis import Analysis
 from cnnexp.stats.curves import mean_interval
 
 GREY, BLUE, RED = "#9a9a9a", "#1f5fa8", "#b03030"

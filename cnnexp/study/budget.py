@@ -9,7 +9,7 @@ the study's evaluation set), split into a cost model
 (`fixed`: building, compiling, the first epoch's tracing and the test split; `per_epoch`: the
 validation on the evaluation set). With `sweep.budget=45m` a study times each configuration it
 will train, picks the largest `dataset.train_limit` whose first round fits its share of the budget,
-and keeps the rest for the seeds that settle the answers (`cnnexp.sweep.rounds`). The plan is
+and keeps the rest for the seeds that settle the answers (`cnnexp.study.rounds`). The plan is
 printed before the first trial and stored on the study, so that every worker and every resumed
 run trains on the same data: `dataset.train_limit` never changes during a study, surplus time buys
 seeds. Predictions are recalibrated from the trials that finished (`calibration`).

@@ -25,8 +25,8 @@ from cnnexp.config import anchor_paths, check_keys, check_overrides, compose_con
 from cnnexp.errors import ConfigError
 from cnnexp.model.layers import layers_from_config
 from cnnexp.model.shapes import validate_architecture
-from cnnexp.sweep.design import TASK, Design, load_design
-from cnnexp.sweep.settings import DEFAULTS, validate_settings
+from cnnexp.study.design import TASK, Design, load_design
+from cnnexp.study.settings import DEFAULTS, validate_settings
 from cnnexp.train.options import is_constant_schedule
 
 

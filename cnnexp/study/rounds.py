@@ -20,8 +20,8 @@ from cnnexp.console import say
 from cnnexp.locks import store_lock
 from cnnexp.stats.sequential import Cell, allocate, spend
 from cnnexp.stats.settle import Look, cell_key, look, tables
-from cnnexp.sweep.budget import Plan, calibration
-from cnnexp.sweep.space import Sweep
+from cnnexp.study.budget import Plan, calibration
+from cnnexp.study.space import Sweep
 
 BUSY = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
 

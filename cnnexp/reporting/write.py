@@ -19,9 +19,9 @@ import pandas as pd
 
 from cnnexp import record
 from cnnexp.console import table, wrap
-from cnnexp.report.analysis import Analysis, analyse
-from cnnexp.report.answers import label, plain_answers, pts, to_settle, transfer_lines
-from cnnexp.report.plots import plot_all
+from cnnexp.reporting.analysis import Analysis, analyse
+from cnnexp.reporting.plots import plot_all
+from cnnexp.reporting.prose import label, plain_answers, pts, to_settle, transfer_lines
 from cnnexp.tracking import runs, store
 
 EFFECT_COLUMNS = ["question", "parameter", "verdict", "estimate", "ci_low", "ci_high", "alpha", "n_min", "best_value",

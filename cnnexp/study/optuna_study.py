@@ -28,8 +28,8 @@ from cnnexp import record
 from cnnexp.errors import ConfigError, StorageError
 from cnnexp.locks import store_lock
 from cnnexp.paths import check_writable, storage_file
-from cnnexp.sweep.settings import constraint, objectives
-from cnnexp.sweep.space import distribution, grid_of
+from cnnexp.study.settings import constraint, objectives
+from cnnexp.study.space import distribution, grid_of
 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
             "cmaes": "CmaEsSampler", "gp": "GPSampler", "nsga2": "NSGAIISampler"}

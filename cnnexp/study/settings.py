@@ -47,7 +47,7 @@ DEFAULTS = {
         "alpha": 0.05,              # the error rate of each question, over all its looks
         "looks": 4,                 # the most times a designed study looks at its answers before it stops
     },
-    "design": {},                   # controlled comparisons instead of an optimiser (cnnexp.sweep.design)
+    "design": {},                   # controlled comparisons instead of an optimiser (cnnexp.study.design)
     "description": "",
     "overrides": [],
     "params": {},

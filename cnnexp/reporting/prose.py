@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from cnnexp.report.analysis import Analysis, Cost
+from cnnexp.reporting.analysis import Analysis, Cost
 from cnnexp.stats.curves import Interval
 from cnnexp.stats.effects import Answer, critical
 from cnnexp.stats.settle import cell_key
