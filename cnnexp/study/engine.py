@@ -19,12 +19,10 @@ import warnings
 import optuna
 from omegaconf import OmegaConf
 
-from cnnexp import record
+from cnnexp import record, stores
 from cnnexp.config import compose_config
 from cnnexp.console import say
 from cnnexp.errors import StorageError
-from cnnexp.locks import store_lock
-from cnnexp.paths import check_writable
 from cnnexp.run import prepare as load
 from cnnexp.stats.settle import cell_key
 from cnnexp.study import budget, rounds
@@ -45,10 +43,10 @@ def preflight(sweep: Sweep) -> None:
     """Find an unwritable report folder now, not after an hour of training; an unwritable checkpoint folder is
     a warning (checkpoints only let a trial resume: the trials go on without)."""
     settings = sweep.settings
-    check_writable(check_writable(settings.output_dir, "sweep.output_dir") / str(settings.study_name),
+    stores.check_writable(stores.check_writable(settings.output_dir, "sweep.output_dir") / str(settings.study_name),
                    "sweep.output_dir")
     try:
-        check_writable(checkpoint_root(settings), "sweep.checkpoint_dir")
+        stores.check_writable(checkpoint_root(settings), "sweep.checkpoint_dir")
     except StorageError as err:
         warnings.warn(f"{err} Trials go on without checkpoints: a killed trial restarts from its first epoch.",
                       stacklevel=2)
@@ -185,7 +183,7 @@ class Loop:
         return False
 
     def _wait_for_others(self, trials, waited: bool) -> bool:
-        if str(self.settings.storage).startswith("journal"):
+        if stores.parse(str(self.settings.storage)).scheme.optuna == "journal":  # no heartbeats
             say("Trials still RUNNING in the journal storage (it has no heartbeats, so a killed worker's trial "
                 "stays RUNNING): " + ", ".join(str(t.number) for t in trials if t.state == RUNNING) + ". Not waiting.")
             return False
@@ -216,7 +214,7 @@ def enqueue_repeats(study: optuna.Study, settings) -> int:
     Repeats live in the main study, marked `repeat_of`: each gets the next unused seed of its
     configuration (a genuine replicate), they don't count towards `n_trials`, and are never pruned.
     """
-    with store_lock(str(settings.storage)):
+    with stores.lock(str(settings.storage)):
         records = record.read_trials(study)
         main = [r for r in records if r.complete and r.repeat_of is None]
         top = sorted(main, key=lambda r: r.value, reverse=settings.direction == "maximize")[: int(settings.repeat_top)]
@@ -260,7 +258,7 @@ def apply_plan(sweep: Sweep, study: optuna.Study) -> None:
     if stored is None and seconds is None:
         return
     if stored is None:
-        with store_lock(str(settings.storage)):
+        with stores.lock(str(settings.storage)):
             stored = record.read_study(study).plan
             if stored is None:
                 say(f"Timing each configuration for sweep.budget={settings.budget} ...")
@@ -282,7 +280,7 @@ def apply_plan(sweep: Sweep, study: optuna.Study) -> None:
 
 def enqueue_design(study: optuna.Study, sweep: Sweep) -> int:
     """Queue every cell of a designed study's first round, minus what the study already holds."""
-    with store_lock(str(sweep.settings.storage)):
+    with stores.lock(str(sweep.settings.storage)):
         records = [r for r in record.read_trials(study) if r.round == 1 and r.repeat_of is None]
         queued = 0
         for cell, count in sweep.design.first_round():
@@ -303,7 +301,7 @@ def attach_study_run(sweep: Sweep, study: optuna.Study) -> runs.Run:
               "n_trials": settings.n_trials, "storage": settings.storage,
               "sampler": OmegaConf.to_container(settings.sampler), "pruner": OmegaConf.to_container(settings.pruner),
               "overrides": " ".join(sweep.overrides), **{f"space.{k}": v for k, v in sweep.expressions.items()}}
-    with store_lock(str(settings.storage)):
+    with stores.lock(str(settings.storage)):
         facts = record.read_study(study)
         if facts.uuid is None:
             record.write_study(study, uuid=uuid.uuid4().hex)

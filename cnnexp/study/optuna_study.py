@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import optuna
 from omegaconf import OmegaConf
 
-from cnnexp import record
+from cnnexp import record, stores
 from cnnexp.errors import ConfigError, StorageError
-from cnnexp.locks import store_lock
-from cnnexp.paths import check_writable, storage_file
 from cnnexp.study.settings import constraint, objectives
 from cnnexp.study.space import distribution, grid_of
 
@@ -65,7 +62,7 @@ class CappedStudy(optuna.Study):
     def ask(self, fixed_distributions=None):
         if self.cap is None:
             return super().ask(fixed_distributions)
-        with store_lock(self.lock_url):
+        with stores.lock(self.lock_url):
             trials = self.get_trials(deepcopy=False)
             if not any(t.state == WAITING for t in trials) and count_trials(trials) >= self.cap:
                 raise StudyFull
@@ -85,46 +82,45 @@ class LostWorkerStorage(optuna.storages.RDBStorage):
         return super().set_trial_state_values(trial_id, state, values)
 
 
-def check_storage(url: str) -> None:
-    """A storage file that can't be used fails here, in one line, before anything is written to it."""
-    path = storage_file(url)
-    if path is None:
-        return
-    check_writable(path.parent, "sweep.storage")
-    if not url.startswith("sqlite") or not path.exists() or path.stat().st_size == 0:
-        return
-    try:  # read-only: a damaged file is never written to
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            problem = db.execute("PRAGMA quick_check").fetchone()[0]
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.DatabaseError as err:
-        problem, tables = str(err), set()
-    if problem != "ok":
-        raise StorageError(f"sweep.storage={url}: {path} is not a usable study storage ({problem}); move it away "
-                           "or point sweep.storage at another file.")
-    if tables and "studies" not in tables:
-        raise StorageError(f"sweep.storage={url}: {path} is a SQLite database of something else (tables "
-                           f"{', '.join(sorted(tables)[:5])}); point sweep.storage at another file.")
+def check_storage(url: str) -> stores.Store:
+    """A storage that can't be used fails here, in one line, before anything is written to it: a scheme cnnexp
+    does not know, a folder that can't be written, a damaged SQLite file or one that is not Optuna's."""
+    store = stores.parse(url, "sweep.storage")
+    if store.file is not None:
+        stores.check_writable(store.file.parent, "sweep.storage")
+        stores.check_sqlite(store, "sweep.storage", stores.OPTUNA)
+    return store
 
 
-def make_storage(url: str, settings=None, stale_callback=None) -> optuna.storages.BaseStorage:
+def make_storage(url: str, settings=None, stale_callback=None, read_only: bool = False) -> optuna.storages.BaseStorage:
     """An Optuna storage for the URL: RDB (SQLite, PostgreSQL, ...) with heartbeats, or a journal file.
 
     Heartbeats let any worker fail a trial whose worker died; `stale_callback` then closes its
     MLflow run and, with `sweep.retry_failed`, queues it again to resume from its checkpoint.
+    `read_only` (the report, the dashboard): nothing is created, migrated or written, and a SQLite
+    file is opened read-only by SQLite itself.
     """
-    check_storage(url)
+    store = stores.parse(url, "sweep.storage") if read_only else check_storage(url)
     get = (lambda key, default: settings.get(key, default)) if settings is not None else (lambda k, d: d)
     try:
-        if url.startswith("journal:"):
-            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage_file(url))))
-        engine_kwargs = ({"connect_args": {"timeout": 120}} if url.startswith("sqlite")  # wait, don't fail, when locked
+        if store.scheme.optuna == "journal":
+            if read_only and (store.file is None or not store.file.exists()):
+                raise StorageError(f"no study storage at {store.name}")
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(store.file)))
+        if read_only:
+            if store.file is not None and not store.file.exists():
+                raise StorageError(f"no study storage at {store.name}")
+            return optuna.storages.RDBStorage(store.read_only_url(), skip_table_creation=True,
+                                              skip_compatibility_check=True)
+        engine_kwargs = ({"connect_args": {"timeout": 120}} if store.scheme.name == "sqlite"  # wait, don't fail, when locked
                          else {"pool_pre_ping": True})
         return LostWorkerStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(get("heartbeat_interval", 10)),
                                  grace_period=int(get("grace_period", 60)), heartbeat_stale_trial_callback=stale_callback)
+    except StorageError:
+        raise
     except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the driver's errors: a full disk, a refused login
         cause = str(getattr(err, "orig", None) or err.__cause__ or err).splitlines()[0][:300]
-        raise StorageError(f"sweep.storage={url} can't be opened ({type(err).__name__}: {cause}).") from err
+        raise StorageError(f"sweep.storage={store.name} can't be opened ({type(err).__name__}: {cause}).") from err
 
 
 def make_sampler(settings, space: dict) -> optuna.samplers.BaseSampler:
@@ -200,11 +196,11 @@ def open_study(settings, space: dict, expressions: dict | None = None, design: d
     of this name searches the same space.
     """
     url = str(settings.storage)
-    check_storage(url)
+    store = check_storage(url)
     directions = [direction for _, direction in objectives(settings)]
     # Workers starting at once: one creates the storage's tables (Optuna's migrations race otherwise)
     # and the study, the others find them.
-    with store_lock(url):
+    with store.lock():
         storage = make_storage(url, settings, stale_callback)
         sampler, pruner = make_sampler(settings, space), make_pruner(settings)
         try:
@@ -235,8 +231,8 @@ def open_study(settings, space: dict, expressions: dict | None = None, design: d
 
 
 def load_study(name: str, url: str) -> optuna.Study:
-    """An existing study, to read (the report)."""
-    storage = make_storage(url)
+    """An existing study, to read (the report): opened read-only, so nothing is created, a missing study included."""
+    storage = make_storage(url, read_only=True)
     names = optuna.get_all_study_names(storage)
     if name not in names:
         raise ConfigError(f"No study {name!r} in {url}; studies there: {', '.join(names) or 'none'}.")
@@ -256,7 +252,7 @@ def assign_seed(study: optuna.Study, trial: optuna.Trial, wanted: int, lock_url:
     workers that drew the same configuration at once still get different seeds.
     """
     key = config_key(trial.params)
-    with store_lock(lock_url):
+    with stores.lock(lock_url):
         used = {facts.seed for facts in record.read_trials(study)
                 if facts.number != trial.number and facts.seed is not None and config_key(facts.params) == key}
         seed = wanted
@@ -270,5 +266,5 @@ def checkpoint_root(settings) -> Path:
     """Per-trial checkpoints: `sweep.checkpoint_dir`/<study>, else beside the storage (shared by its workers)."""
     if settings.get("checkpoint_dir"):
         return Path(os.path.expanduser(str(settings.checkpoint_dir))) / str(settings.study_name)
-    path = storage_file(str(settings.storage))
+    path = stores.parse(str(settings.storage)).file
     return (path.parent if path else Path(str(settings.output_dir))) / "checkpoints" / str(settings.study_name)

@@ -15,9 +15,8 @@ import math
 import numpy as np
 import optuna
 
-from cnnexp import record
+from cnnexp import record, stores
 from cnnexp.console import say
-from cnnexp.locks import store_lock
 from cnnexp.stats.sequential import Cell, allocate, spend
 from cnnexp.stats.settle import Look, cell_key, look, tables
 from cnnexp.study.budget import Plan, calibration
@@ -64,7 +63,7 @@ def _seconds(plan: Plan, cell: str, ratio: float) -> float:
 def advance(study: optuna.Study, sweep: Sweep, plan: Plan | None) -> bool:
     """Look at the answers once the current round is done; queue the next round if it helps. True: queued."""
     design, answers = sweep.design.describe(), sweep.answers
-    with store_lock(str(sweep.settings.storage)):
+    with stores.lock(str(sweep.settings.storage)):
         trials = study.get_trials(deepcopy=False)
         if any(t.state in BUSY for t in trials):
             return False

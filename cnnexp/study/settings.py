@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from cnnexp import checks
+from cnnexp import checks, stores
 from cnnexp.errors import ConfigError
 
 # What a sweep YAML may hold; `sweep.sampler` and `sweep.pruner` take extra keyword arguments.
@@ -109,6 +109,7 @@ def validate_settings(settings, answers) -> None:
     for key in ("storage", "output_dir"):
         if not isinstance(settings.get(key), str) or not settings.get(key):
             raise ConfigError(f"sweep.{key}={settings.get(key)!r} must be a non-empty path or URL.")
+    stores.parse(settings.storage, "sweep.storage")
     if settings.get("checkpoint_dir") is not None and not isinstance(settings.checkpoint_dir, str):
         raise ConfigError(f"sweep.checkpoint_dir={settings.checkpoint_dir!r} must be a folder path.")
     parse_budget(settings.get("budget"))

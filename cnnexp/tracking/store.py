@@ -9,27 +9,20 @@ store that fails is remembered, so the rest of the process doesn't wait for it a
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from pathlib import Path
 
-from cnnexp.errors import StorageError, TrackingUnavailable
-from cnnexp.locks import store_lock
-from cnnexp.paths import check_writable, storage_file
+from cnnexp import stores
+from cnnexp.errors import CnnexpError, TrackingUnavailable
 
 # MLflow 3's UI opens GenAI experiments on traces; this tag marks ours as model training.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
-
-
 def absolute_uri(uri: str) -> str:
     """sqlite:///mlflow.db -> sqlite:////abs/path/mlflow.db, so that other processes find the same store."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
-    return uri
+    return stores.parse(uri, "tracking.uri", stores.MLFLOW).absolute()
 
 
 class _Contacts:
@@ -62,21 +55,24 @@ def configure(tracking_cfg) -> str | None:
         return None
     import mlflow
 
-    uri = use(tracking_cfg.uri)
+    try:
+        uri = use(tracking_cfg.uri)
+    except CnnexpError as err:  # a URL of no scheme cnnexp knows: tracking never decides whether training happens
+        raise TrackingUnavailable(str(err)) from err
     key = (uri, str(tracking_cfg.experiment))
     if key in CONTACTS.experiments:
         return CONTACTS.experiments[key]
     if uri in CONTACTS.broken:
         raise TrackingUnavailable(CONTACTS.broken[uri])
-    _check_local_store(uri)
+    store = _check_local_store(uri)
     timeout = float(tracking_cfg.get("timeout", 30))
     result: dict = {}
 
     def contact():
         try:
             # MLflow creates (migrates) a new SQLite store on first contact: one process at a time.
-            with store_lock(uri, "mlflow") if storage_file(uri) else contextlib.nullcontext():
-                result["id"] = _experiment_id(mlflow, tracking_cfg, uri)
+            with store.lock("mlflow"):
+                result["id"] = _experiment_id(mlflow, tracking_cfg, uri, store)
         except BaseException as err:  # noqa: BLE001 - reported below, in the caller's thread
             result["error"] = err
 
@@ -95,27 +91,30 @@ def configure(tracking_cfg) -> str | None:
     raise TrackingUnavailable(reason)
 
 
-def _check_local_store(uri: str) -> None:
-    """Fail at once, not after minutes of MLflow's retries, on a SQLite file we can't write."""
-    path = storage_file(uri) if uri.startswith("sqlite") else None
-    if path is None:
-        return
+def _check_local_store(uri: str) -> stores.Store:
+    """Fail at once, not after minutes of MLflow's retries, on a store we don't know or a SQLite file we can't
+    write or that is not MLflow's (an Optuna studies.db would get MLflow's tables added)."""
     try:
-        check_writable(path.parent, "tracking.uri")
-        if path.exists():
-            with open(path, "r+b"):
-                pass
-    except (StorageError, OSError) as err:
-        raise TrackingUnavailable(f"MLflow store {uri} can't be written ({getattr(err, 'strerror', None) or err}); "
-                                  "point tracking.uri (or MLFLOW_TRACKING_URI) at a writable file") from err
+        store = stores.parse(uri, "tracking.uri", stores.MLFLOW)
+        path = store.file if store.scheme.name == "sqlite" else None
+        if path is not None:
+            stores.check_writable(path.parent, "tracking.uri")
+            stores.check_sqlite(store, "tracking.uri", stores.MLFLOW)
+            if path.exists():
+                with open(path, "r+b"):
+                    pass
+    except (CnnexpError, OSError) as err:
+        raise TrackingUnavailable(f"MLflow store {uri} can't be used ({getattr(err, 'strerror', None) or err}); "
+                                  "point tracking.uri (or MLFLOW_TRACKING_URI) at a writable MLflow store") from err
+    return store
 
 
-def _experiment_id(mlflow, tracking_cfg, uri: str) -> str:
+def _experiment_id(mlflow, tracking_cfg, uri: str, store: stores.Store) -> str:
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(str(tracking_cfg.experiment))
     if experiment is None:
         location = None
-        if tracking_cfg.artifact_root and not uri.startswith(("http://", "https://", "databricks")):
+        if tracking_cfg.artifact_root and store.scheme.lock != "server":
             # A local store keeps artifacts beside it, at an absolute location, so that
             # `make ui` finds them whatever folder a run was started from.
             location = Path(os.path.expanduser(str(tracking_cfg.artifact_root))).resolve().as_uri()

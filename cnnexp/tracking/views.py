@@ -19,8 +19,8 @@ import re
 import time
 from urllib.parse import urlencode
 
+from cnnexp import stores
 from cnnexp.errors import StorageError
-from cnnexp.paths import storage_file
 from cnnexp.tracking import runs
 from cnnexp.tracking.store import absolute_uri
 
@@ -90,7 +90,8 @@ def study_runs_url(tracking_uri: str, base: str, study: str | None = None) -> tu
         StorageError: no such store, or no study in it.
     """
     uri = absolute_uri(tracking_uri)
-    path = storage_file(uri) if uri.startswith("sqlite") else None
+    store = stores.parse(uri, "--tracking-uri", stores.MLFLOW)
+    path = store.file if store.scheme.name == "sqlite" else None
     if path is not None and not path.exists():
         raise StorageError(f"no MLflow store at {path} yet; run `make sweep` first (MLFLOW_TRACKING_URI={tracking_uri}).")
     from mlflow import MlflowClient
@@ -119,13 +120,12 @@ def dashboard_target(storage: str, study: str | None = None) -> tuple[str, int, 
     """
     import optuna
 
-    from cnnexp.paths import storage_file
-
-    path = storage_file(storage)
+    store = stores.parse(storage, "--storage")
+    path = store.file
     if path is not None and not path.exists():
         raise StorageError(f"no study storage at {path} yet; run `make sweep` first (STORAGE={storage}).")
     try:
-        if storage.startswith("journal:"):
+        if store.scheme.optuna == "journal":
             backend = optuna.storages.journal.JournalFileBackend(str(path))
             optuna_storage, argument = optuna.storages.JournalStorage(backend), str(path)
         else:  # optuna-dashboard would crash on a file without Optuna's tables: don't create them here
