@@ -6,6 +6,7 @@ Python warnings become one plain line (`warning: ...`) instead of a file path an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -22,21 +23,43 @@ class TqdmHandler(logging.Handler):
 
         try:
             tqdm.write(self.format(record), file=sys.stderr)
+        except (BrokenPipeError, ValueError, OSError):
+            _closed("stderr")
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
 
 def say(text: str = "") -> None:
-    """Print a line to stdout without disturbing a progress bar."""
+    """Print a line to stdout without disturbing a progress bar.
+
+    Output to a closed pipe (`| head -n 1`) never fails a trial or the sweep: the terminal's loss is
+    ignored (stdout goes to /dev/null from then on, so nothing fails at exit either), and the
+    logs, the study and the runs go on being written.
+    """
     from tqdm import tqdm
 
-    tqdm.write(text, file=sys.stdout)
+    try:
+        tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError, OSError):
+        _closed("stdout")
+
+
+def _closed(name: str) -> None:
+    """A terminal stream was closed under us: point it at /dev/null (its file descriptor too)."""
+    null = open(os.devnull, "w")
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(null.fileno(), getattr(sys, f"__{name}__").fileno())
+    setattr(sys, name, null)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     from tqdm import tqdm
 
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    try:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    except (BrokenPipeError, ValueError, OSError):
+        _closed("stderr")
 
 
 def setup_logging(verbose: bool = False) -> None:

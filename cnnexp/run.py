@@ -55,6 +55,7 @@ class RunResult:
     num_classes: int = 0
     model: object = field(default=None, repr=False)      # the trained Keras model
     example: object = field(default=None, repr=False)    # a few test inputs, for a model signature
+    correct: dict = field(default_factory=dict, repr=False)  # epoch -> which evaluation images it got right
 
 
 class DatasetMemo:
@@ -66,24 +67,29 @@ class DatasetMemo:
     def __init__(self):
         self.key: tuple | None = None
         self.dataset: Dataset | None = None
+        self.decoded: dict = {}  # the whole decoded dataset: each trial's subset is taken from it in memory
 
     def load(self, dataset_cfg, val_fraction: float, seed: int) -> Dataset:
         key = (OmegaConf.to_yaml(dataset_cfg, resolve=True), val_fraction, seed)
         if key != self.key:
-            self.key, self.dataset = None, load_dataset(dataset_cfg, val_fraction, seed)
+            self.key, self.dataset = None, load_dataset(dataset_cfg, val_fraction, seed, self.decoded)
             self.key = key
         return self.dataset
 
 
 def prepare(cfg: DictConfig, validated: bool = False, datasets: DatasetMemo | None = None
             ) -> tuple[list[LayerSpec], Dataset]:
-    """Validate everything that can be validated, then load the data: nothing trains yet."""
+    """Validate everything that can be validated, then load the data: nothing trains yet.
+
+    `validated`: the caller checked the config and its architecture already (a sweep checks every
+    configuration once, before the study), so only the class count the data brings is checked here.
+    """
+    layers = layers_from_config(cfg)
     if not validated:
         validate_config(cfg)
-    layers = layers_from_config(cfg)
-    # Shapes are known from the config for every dataset, so a bad architecture fails
-    # here, before any data is decoded; the class count is re-checked once it is known.
-    validate_architecture(layers, cfg.dataset.input_shape, cfg.dataset.num_classes, cfg.model.padding)
+        # Shapes are known from the config for every dataset, so a bad architecture fails here,
+        # before any data is decoded.
+        validate_architecture(layers, cfg.dataset.input_shape, cfg.dataset.num_classes, cfg.model.padding)
     val_fraction, seed = float(cfg.train.val_fraction), int(cfg.train.seed)
     dataset = (datasets or DatasetMemo()).load(cfg.dataset, val_fraction, seed)
     validate_architecture(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding)
@@ -126,7 +132,7 @@ def _log_what_trains(mlrun: runs.Run, cfg, layers, network_cost: Cost, overrides
     mlrun.log_text("\n".join(summary), "model_summary.txt")
 
 
-def _log_outcome(mlrun: runs.Run, result: TrainResult, logged: set[int], name: str) -> dict[str, float]:
+def _log_outcome(mlrun: runs.Run, result: TrainResult, logged: set[int], name: str, curve: bool) -> dict[str, float]:
     """Epochs restored from a checkpoint but not yet in MLflow, the final figures, the flags; returns the metrics."""
     for epoch in range(1, result.resumed_from_epoch + 1):
         if epoch not in logged:
@@ -138,7 +144,10 @@ def _log_outcome(mlrun: runs.Run, result: TrainResult, logged: set[int], name: s
                "train_seconds": result.train_seconds, "images_per_second": result.images_per_second,
                "train_images": result.train_images, "updates": result.updates}
     metrics = {key: runs.clean(value) for key, value in metrics.items()}
-    # val_* were logged per epoch already; the rest are the run's final figures.
+    # val_* were logged per epoch already (validated once at the end: now, at the last epoch); the rest are the
+    # run's final figures.
+    if not curve:
+        mlrun.log_metrics({k: v for k, v in metrics.items() if k.startswith("val_")}, step=result.epochs_run)
     mlrun.log_metrics({f"final/{k}": v for k, v in metrics.items() if not k.startswith("val_")}, step=result.epochs_run)
     for message in result.warnings:
         warnings.warn(f"{name}: {message}; the run is flagged (tag cnnexp.flag).", stacklevel=3)
@@ -151,7 +160,8 @@ def _log_outcome(mlrun: runs.Run, result: TrainResult, logged: set[int], name: s
 
 def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = (), parent_run_id: str | None = None,
         run_name: str | None = None, tags: dict | None = None, run_id: str | None = None, checkpoint_dir=None,
-        validated: bool = False, datasets: DatasetMemo | None = None) -> RunResult:
+        validated: bool = False, datasets: DatasetMemo | None = None, curve: bool = True,
+        keep_correct: set[int] = frozenset()) -> RunResult:
     """Train and evaluate one model, logging it to MLflow.
 
     Args:
@@ -164,6 +174,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
         checkpoint_dir: checkpoint every epoch here and resume from it (see `train.fit.train_model`).
         validated: the caller validated `cfg` already (a sweep validates each trial once).
         datasets: keep the decoded dataset between runs of this process.
+        curve: validate after every epoch; False: once, at the end (nothing reads the curve).
+        keep_correct: epochs after which to keep which evaluation images are right (see `train_model`).
     """
     layers, dataset = prepare(cfg, validated=validated, datasets=datasets)
     k = runtime.keras()
@@ -181,9 +193,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
             _log_what_trains(mlrun, cfg, layers, network_cost, overrides, dataset, net)
         log.info("%s | %d parameters, %.1f MFLOPs per image | %s", describe(dataset), network_cost.params,
                  network_cost.flops / 1e6, runtime.device_description())
-        result = train_model(net, dataset, cfg.train, checkpoint_dir=checkpoint_dir,
+        result = train_model(net, dataset, cfg.train, checkpoint_dir=checkpoint_dir, curve=curve,
+                             keep_correct=keep_correct,
                              callbacks=[runs.epoch_logger(mlrun, logged, METRIC_NAMES), *callbacks])
-        metrics = _log_outcome(mlrun, result, logged, name)
+        metrics = _log_outcome(mlrun, result, logged, name, curve)
         if cfg.tracking.log_model:
             mlrun.log_model(net, dataset.x_test[:4])
     return RunResult(metrics=metrics, history=result.history, cost=network_cost, run_id=mlrun.run_id,
@@ -192,7 +205,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
                      dataset_note=dataset.note, checkpoint_error=result.checkpoint_error,
                      eval_images=len(dataset.y_val), test_images=len(dataset.y_test),
                      num_classes=dataset.num_classes, model=net,
-                     example=dataset.x_test[:4])
+                     example=dataset.x_test[:4], correct=result.correct)
 
 
 USAGE = """usage: python -m cnnexp.run [-v] [override ...]

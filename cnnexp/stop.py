@@ -36,8 +36,8 @@ def check() -> None:
 
 @contextlib.contextmanager
 def on_signals():
-    """While the block runs, SIGTERM, SIGHUP and SIGINT raise `Interrupted` (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
+    """While the block runs, SIGTERM, SIGHUP and SIGINT raise `Interrupted` (main thread only; nested: a no-op)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is _handle:
         yield
         return
     REQUESTED.clear()

@@ -3,31 +3,27 @@
     python -m cnnexp.sweep --sweep kernel_size
     python -m cnnexp.sweep --sweep quick 'kernel=choice(2,3,4,5,6,7)' sweep.n_trials=6 train.epochs=1
 
-Exit codes: 0 done, 1 no trial completed, 2 bad input (one line, `error: ...`), 130 interrupted
-(Ctrl-C or SIGTERM: the running trial is queued again, the study and its MLflow runs are saved).
+This is where the study (`cnnexp.study`) and the report (`cnnexp.reporting`) join. Exit codes: 0
+done, 1 no trial completed, 2 bad input (one line, `error: ...`), 130 stopped (SIGTERM, SIGHUP,
+Ctrl-C, in any phase: the plan, the trials, the champion, the report; the running trial is
+queued again, the study and its MLflow runs are saved and ended, never left RUNNING).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
-from cnnexp import runtime
+from cnnexp import runtime, stop
 from cnnexp.console import say, setup_logging
 from cnnexp.errors import CnnexpError
 from cnnexp.reporting.write import write_report
-from cnnexp.study.engine import RecycleProcess, end_parent, optimize, preflight, register_champion
-from cnnexp.study.objective import STOP_REQUESTED, Interrupted
+from cnnexp.study import budget, parent
+from cnnexp.study.engine import RecycleProcess, finished, optimize, preflight
 from cnnexp.study.optuna_study import open_study
 from cnnexp.study.space import Sweep, load_sweep
 from cnnexp.study.workers import run_workers
-
-
-def _on_sigterm(signum, frame):
-    STOP_REQUESTED.set()
-    raise Interrupted(f"signal {signum}")
 
 
 def report(sweep: Sweep, study) -> int:
@@ -37,9 +33,10 @@ def report(sweep: Sweep, study) -> int:
              f"--out {settings.output_dir}")
     status = None
     try:
-        say(write_report(study, settings, sweep.answers))
+        say(write_report(study, settings, sweep.answers, tracking_uri=parent.tracking_uri(sweep)))
         code = 0
     except KeyboardInterrupt:
+        stop.ignore_signals()
         print(f"error: interrupted while writing the report; the study is saved, write it with: {again}", file=sys.stderr)
         status, code = "KILLED", 130
     except Exception as err:  # noqa: BLE001 - the study is saved; the report can be rerun on its own
@@ -47,7 +44,7 @@ def report(sweep: Sweep, study) -> int:
               f"is saved, write it with: {again}", file=sys.stderr)
         code = 2
     finally:
-        complete = end_parent(study, status)  # never left RUNNING, whatever the report did
+        complete = parent.end(study, parent.tracking_uri(sweep), status)  # never left RUNNING, whatever the report did
     if not complete:
         print(f"error: no trial of study {settings.study_name!r} completed; see the trials' errors in {again}.",
               file=sys.stderr)
@@ -66,14 +63,21 @@ def _run(args) -> int:
     else:
         if sweep.settings.estimate and not sweep.settings.get("budget") and os.environ.get("CNNEXP_WORKER") is None \
                 and not runtime.has_gpu():
-            from cnnexp.study.budget import estimate
-
-            say(estimate(sweep.overrides, int(sweep.settings.n_trials), int(sweep.base.train.epochs),
-                         int(sweep.base.dataset.train_limit or 45000)))
+            images = sweep.data_key("dataset.train_limit") or budget.full_train(sweep)
+            say(budget.estimate(sweep.overrides, int(sweep.settings.n_trials), int(sweep.base.train.epochs), int(images)))
         study = optimize(sweep, recycle_after=int(sweep.settings.recycle_after))
-    if sweep.settings.get("objectives"):
-        register_champion(sweep, study)
-    return report(sweep, study) if not args.no_report else 0
+    try:
+        if sweep.settings.get("objectives"):
+            parent.register_champion(sweep, study)
+    except KeyboardInterrupt:
+        stop.ignore_signals()
+        parent.end(study, parent.tracking_uri(sweep), "KILLED")
+        raise
+    if args.no_report:
+        if finished(study, sweep):  # the last worker ends the parent; a late one finds it ended and leaves it so
+            parent.end(study, parent.tracking_uri(sweep))
+        return 0
+    return report(sweep, study)
 
 
 def main(argv=None) -> int:
@@ -82,16 +86,15 @@ def main(argv=None) -> int:
         epilog="Overrides: sweep.<setting>=..., answers.<setting>=..., a search space such as "
                "'kernel=choice(2,3,4)', or any cnnexp.run override (train.epochs=1).")
     parser.add_argument("--sweep", default="seed_questions", help="a name in sweeps/ or a YAML path")
-    parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    parser.add_argument("--no-report", action="store_true", help="skip the report at the end (a worker)")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own logging and warnings")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     runtime.setup_environment()
     setup_logging(args.verbose)
-    # SIGTERM (scancel, Kubernetes) is Ctrl-C from the first trial to the last line of the report.
-    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _run(args)
+        with stop.on_signals():  # every phase: the plan's timing, the trials, the champion, the report
+            return _run(args)
     except RecycleProcess:
         # Same command, same process id (Slurm, Kubernetes and sweep.workers keep tracking it).
         say("Restarting this worker to give TensorFlow's memory back (sweep.recycle_after).")
@@ -101,7 +104,9 @@ def main(argv=None) -> int:
     except CnnexpError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        print(f"error: stopped ({err or 'SIGINT'}); the study is saved and its runs ended: rerun the same command to "
+              "resume.", file=sys.stderr)
         return 130
 
 

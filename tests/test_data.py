@@ -80,8 +80,8 @@ def test_nothing_staged_finds_the_shared_copies_and_says_so(tmp_path, monkeypatc
     assert (cifar.path, cifar.reader) == (cifar_jpeg, "image_tree") and "JPEG" in cifar.note
     mnist = locate.locate(dataset_cfg("dataset=mnist"))
     assert (mnist.path.name, mnist.reader) == ("mnist-t10k", "mnist_idx")
-    data = load.load_dataset(dataset_cfg("dataset.train_limit=300", "dataset.test_limit=100", "dataset.eval_limit=200"))
-    assert len(data.y_train) == 300 and len(data.y_val) == 200 and len(data.y_test) == 100 and data.shared_eval
+    data = load.load_dataset(dataset_cfg("dataset.train_limit=300", "dataset.test_limit=100", "dataset.eval_limit=400"))
+    assert len(data.y_train) == 300 and len(data.y_val) == 400 and len(data.y_test) == 100 and data.shared_eval
     assert data.class_names[0] == "airplane" and "JPEG" in data.note and data.source == str(cifar_jpeg)
     # A standard archive in the Keras cache comes first.
     staged = make_cifar10_archive(tmp_path / "empty" / "datasets" / "build", per_batch=20)
@@ -89,19 +89,20 @@ def test_nothing_staged_finds_the_shared_copies_and_says_so(tmp_path, monkeypatc
     assert locate.locate(dataset_cfg()).reader == "cifar10"
 
 
-def test_the_evaluation_set_is_fixed_disjoint_from_training_and_leaves_the_subset_alone(tmp_path):
+def test_the_evaluation_and_test_images_stay_fixed_while_the_subset_seed_draws_another_training_subset(tmp_path):
     archive = make_cifar10_archive(tmp_path / "staged", per_batch=100)
-    base = [f"dataset.path={archive}", "dataset.train_limit=200", "dataset.test_limit=50"]
-    plain = load.load_dataset(dataset_cfg(*base), val_fraction=0.1)
-    with_eval = load.load_dataset(dataset_cfg(*base, "dataset.eval_limit=150"), val_fraction=0.1, seed=7)
-    again = load.load_dataset(dataset_cfg(*base, "dataset.eval_limit=150"), val_fraction=0.1, seed=8)
-    assert len(with_eval.y_train) == 200 and len(with_eval.y_val) == 150  # no val split taken from the subset
-    assert np.array_equal(with_eval.x_val, again.x_val)  # the same images whatever the trial's seed
-    train_rows = {r.tobytes() for r in with_eval.x_train}
-    assert not train_rows & {r.tobytes() for r in with_eval.x_val}
-    assert {r.tobytes() for r in plain.x_train} | {r.tobytes() for r in plain.x_val} == train_rows
-    with pytest.raises(DataError, match=r"dataset.eval_limit=900: only 300 training images are left over"):
-        load.load_dataset(dataset_cfg(*base, "dataset.eval_limit=900"))
+    base = [f"dataset.path={archive}", "dataset.train_limit=200", "dataset.test_limit=50", "dataset.eval_limit=150"]
+    first = load.load_dataset(dataset_cfg(*base), val_fraction=0.1, seed=7)
+    other = load.load_dataset(dataset_cfg(*base, "dataset.subset_seed=5"), val_fraction=0.1, seed=8)
+    assert len(first.y_train) == 200 and len(first.y_val) == 150  # no val split taken from the subset
+    assert np.array_equal(first.x_val, other.x_val) and np.array_equal(first.x_test, other.x_test)
+    rows = [{r.tobytes() for r in data.x_train} for data in (first, other)]
+    assert rows[0] != rows[1]  # another replicate, another training subset
+    assert not (rows[0] | rows[1]) & {r.tobytes() for r in first.x_val}  # never the images it is scored on
+    with pytest.raises(DataError, match=r"dataset.train_limit=200: only 100 training images are left over"):
+        load.load_dataset(dataset_cfg(*base[:3], "dataset.eval_limit=400"))
+    with pytest.raises(DataError, match=r"dataset.eval_limit=500 leaves none of the 500"):
+        load.load_dataset(dataset_cfg(f"dataset.path={archive}", "dataset.eval_limit=500", "dataset.test_limit=50"))
 
 
 def test_stratified_sample_keeps_class_shares_and_is_seeded():

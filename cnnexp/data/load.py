@@ -26,6 +26,7 @@ from cnnexp.runtime import keras
 
 log = logging.getLogger(__name__)
 
+DECODE_KEYS = ("name", "input_shape", "test_fraction", "max_image_pixels", "max_bad_fraction", "cache_dir")
 SHAPES = {"cifar10": (32, 32, 3), "mnist_npz": (28, 28, 1), "mnist_idx": (28, 28, 1), "idx_folder": (28, 28, 1)}
 READERS = {"cifar10": formats.read_cifar10, "mnist_npz": formats.read_mnist_npz, "mnist_idx": formats.read_mnist_idx,
            "idx_folder": formats.read_idx_folder}
@@ -56,20 +57,22 @@ class Dataset:
         return len(self.class_names)
 
 
-def load_dataset(dataset_cfg, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+def load_dataset(dataset_cfg, val_fraction: float = 0.1, seed: int = 0, decoded: dict | None = None) -> Dataset:
     """Load, subset, scale and split the dataset that `dataset_cfg` describes.
 
     Args:
         dataset_cfg: the `dataset` config group (name, path, limits, scale, ...).
         val_fraction: share of the training subset held out for validation, stratified; unused
             when `dataset.eval_limit` gives a fixed evaluation set from the images the subset leaves.
-        seed: seeds the validation split (subsets and the evaluation set use `dataset.subset_seed`).
+        seed: seeds the validation split (the training subset uses `dataset.subset_seed`).
+        decoded: keep whole decoded datasets here between calls (a sweep's worker: every trial takes its own
+            subset of the same images in memory, instead of decoding them again).
 
     Returns:
         A `Dataset` whose subsets are stratified and seeded, never "the first N".
     """
     source = locate(dataset_cfg)
-    raw = _subset(dataset_cfg, source)
+    raw = _subset(dataset_cfg, source, decoded)
     x_train, y_train = raw.x_train, raw.y_train
     if raw.y_eval is not None and len(raw.y_eval):
         is_val = np.zeros(len(y_train), bool)  # the whole subset trains; the fixed eval set validates
@@ -139,16 +142,24 @@ def describe(data: Dataset) -> str:
             f"of {'x'.join(map(str, data.input_shape))}, {data.num_classes} classes")
 
 
-def _subset(dataset_cfg, source: Source) -> RawDataset:
+def _subset(dataset_cfg, source: Source, decoded: dict | None = None) -> RawDataset:
     """The rows `dataset.train_limit`/`eval_limit`/`test_limit` pick, in their seeded order.
 
-    An image tree decodes only those rows; any other source is decoded whole, then sampled
-    with the same `subset_indices`, so both give the same rows in the same order.
+    An image tree decodes only those rows, unless `decoded` keeps whole decodes in memory; any other
+    source is decoded whole, then sampled with the same `subset_indices`, so both give the same rows
+    in the same order.
     """
     limited = any(dataset_cfg.get(k) is not None for k in ("train_limit", "test_limit", "eval_limit"))
-    if source.reader == "image_tree" and limited:
+    if source.reader == "image_tree" and limited and decoded is None:
         return folders.load(source.path, dataset_cfg, fingerprint_path(source.path), _cache(dataset_cfg), subset=True)
-    raw = load_raw(dataset_cfg, source)
+    if decoded is None:
+        raw = load_raw(dataset_cfg, source)
+    else:  # what the decode depends on: the source and how its images are read, never the subset
+        key = (str(source.path), source.reader, *(str(dataset_cfg.get(k)) for k in DECODE_KEYS))
+        raw = decoded.get(key)
+        if raw is None:
+            decoded.clear()  # one whole dataset in memory at a time
+            raw = decoded[key] = load_raw(dataset_cfg, source)
     rows = subset_indices(raw.y_train, raw.y_test, dataset_cfg)
     return RawDataset(raw.x_train[rows.train], raw.y_train[rows.train], raw.x_test[rows.test], raw.y_test[rows.test],
                       raw.class_names, raw.fingerprint, raw.skipped, raw.note,

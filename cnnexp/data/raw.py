@@ -120,32 +120,35 @@ class Rows:
     test: np.ndarray
 
 
-def subset_indices(y_train: np.ndarray, y_test: np.ndarray, dataset_cfg) -> Rows:
-    """The rows `dataset.train_limit`/`eval_limit`/`test_limit` pick: one rng from `dataset.subset_seed`.
+# The evaluation and test rows are drawn with seeds of their own, never `dataset.subset_seed`: a designed study
+# draws another training subset for every run (its replicate), and all of them are scored on the same images.
+EVAL_DRAW, TEST_DRAW = 1_000_003, 1_000_033
 
-    Train rows are drawn first, then test rows, then the evaluation rows from the training images
-    left over, so adding an evaluation set never changes the training subset. Without a train
-    limit, the evaluation set is drawn first and everything it leaves trains.
+
+def subset_indices(y_train: np.ndarray, y_test: np.ndarray, dataset_cfg) -> Rows:
+    """The rows `dataset.train_limit`/`eval_limit`/`test_limit` pick.
+
+    The evaluation set (`eval_limit`) is drawn first from the training images, and the test subset
+    from the test images, each with a fixed seed of its own; the training subset is then drawn from
+    what the evaluation set leaves, with `dataset.subset_seed`. So changing the subset seed (a new
+    replicate) changes only which images train, never the images every trial is scored on.
     """
-    rng = np.random.default_rng(int(dataset_cfg.subset_seed))
     eval_limit = dataset_cfg.get("eval_limit")
-    if dataset_cfg.train_limit is None and eval_limit is not None:
-        # Everything the evaluation set leaves trains: draw the evaluation set first.
-        eval_idx = _limit(y_train, eval_limit, np.random.default_rng(int(dataset_cfg.subset_seed) + 1),
-                          "dataset.eval_limit")
-        left = np.setdiff1d(np.arange(len(y_train)), eval_idx)
-        return Rows(left[rng.permutation(len(left))], eval_idx, _limit(y_test, dataset_cfg.test_limit, rng,
-                                                                       "dataset.test_limit"))
-    train_idx = _limit(y_train, dataset_cfg.train_limit, rng, "dataset.train_limit")
-    test_idx = _limit(y_test, dataset_cfg.test_limit, rng, "dataset.test_limit")
     eval_idx = np.array([], int)
+    pool = np.arange(len(y_train))
     if eval_limit is not None:
-        left = np.setdiff1d(np.arange(len(y_train)), train_idx)
-        if int(eval_limit) > len(left):
-            raise DataError(f"dataset.eval_limit={eval_limit}: only {len(left)} training images are left over by "
-                            f"dataset.train_limit={dataset_cfg.train_limit} (of {len(y_train)}); lower one of them.")
-        eval_idx = left[stratified_sample(y_train[left], int(eval_limit), np.random.default_rng(
-            int(dataset_cfg.subset_seed) + 1))]
+        if int(eval_limit) >= len(y_train):
+            raise DataError(f"dataset.eval_limit={eval_limit} leaves none of the {len(y_train)} training images to "
+                            "train on; lower it.")
+        eval_idx = stratified_sample(y_train, int(eval_limit), np.random.default_rng(EVAL_DRAW))
+        pool = np.setdiff1d(pool, eval_idx)
+    train_limit = dataset_cfg.train_limit
+    if train_limit is not None and int(train_limit) > len(pool):
+        raise DataError(f"dataset.train_limit={train_limit}: only {len(pool)} training images are left over by "
+                        f"dataset.eval_limit={eval_limit} (of {len(y_train)}); lower one of them.")
+    train_idx = pool[_limit(y_train[pool], train_limit, np.random.default_rng(int(dataset_cfg.subset_seed)),
+                            "dataset.train_limit")]
+    test_idx = _limit(y_test, dataset_cfg.test_limit, np.random.default_rng(TEST_DRAW), "dataset.test_limit")
     return Rows(train_idx, eval_idx, test_idx)
 
 

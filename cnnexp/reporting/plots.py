@@ -59,8 +59,8 @@ def _comparing(records: list[TrialRecord], analysis: Analysis, parameter: str) -
     design = analysis.design
     if not design:
         return [r for r in records if parameter in r.params]
-    others = {k: design["baseline"][k] for k in design["vary"] if k != parameter}
-    return [r for r in records if r.params.get("task") == design["main"]
+    others = {k: design.baseline[k] for k in design.vary if k != parameter}
+    return [r for r in records if r.params.get("task") == design.main and r.confirms is None
             and all(r.params.get(k) == v for k, v in others.items())]
 
 
@@ -94,11 +94,13 @@ def score_vs(ax, runs: list[TrialRecord], parameter: str, metric: str, chance) -
 
 
 def learning_curves(ax, records: list[TrialRecord], analysis: Analysis, chance) -> None:
-    design = analysis.design or {}
-    long_arm = design.get("curve_arm")
+    """The main task's curves (the baseline trained longer as a band); other tasks go on axes of their own."""
+    design = analysis.design
+    main = design.main if design else None
+    long_arm = design.curve_arm if design else None
     drawn = False
     for r in records:
-        if not r.curve or r.params.get("task") == long_arm:
+        if not r.curve or r.params.get("task") == long_arm or r.params.get("task", main) != main:
             continue
         epochs = sorted(r.curve)
         ax.plot(epochs, [r.curve[e] for e in epochs], color=BLUE if r.complete else GREY, alpha=0.3, lw=1)
@@ -107,18 +109,18 @@ def learning_curves(ax, records: list[TrialRecord], analysis: Analysis, chance) 
     if e is not None and e.mean:
         epochs = np.arange(1, len(e.mean) + 1)
         ax.fill_between(epochs, [m.low for m in e.mean], [m.high for m in e.mean], color=BLUE, alpha=0.2,
-                        label=f"baseline trained longer: mean, 95% CI (n={e.runs})")
+                        label=f"baseline trained longer: mean, {100 * (1 - e.mean[0].alpha):.3g}% CI (n={e.runs})")
         ax.plot(epochs, [m.estimate for m in e.mean], color="black", lw=2)
         drawn = True
     if not drawn:
-        raise ValueError("no trial reported an epoch")
+        raise ValueError("no trial of the main task reported an epoch")
     if chance:
         ax.axhline(chance, color=RED, lw=1, ls="--", label=f"chance (1/{round(1 / chance)})")
     ax.plot([], [], color=BLUE, alpha=0.5, label="each run (grey: pruned)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel(analysis.metric)
-    ax.set_title(f"{analysis.metric} per epoch")
+    ax.set_title(f"{analysis.metric} per epoch" + (f" ({main}; other tasks are measured apart)" if main else ""))
     ax.legend(fontsize=8)
 
 
@@ -142,25 +144,32 @@ def history(ax, records: list[TrialRecord], metric: str, chance) -> None:
 
 
 def answers_plot(ax, analysis: Analysis) -> None:
-    """Each question's estimate with its CI, and the +-precision band that `equivalent` needs."""
-    rows = [(p, a) for p, a in analysis.factors.items() if a.verdict != "insufficient_data"]
+    """Each question's reported contrast with its CI (the one that decided its verdict), and the +-margin band."""
+    rows = []
+    for key, a in analysis.factors.items():
+        if a.verdict == "insufficient_data":
+            continue
+        what = f"{a.pair[0]} - {a.pair[1]}" if a.pair else "slope"
+        why = {"effect": "decided: CI excludes 0", "equivalent": "decided: within +-margin",
+               "not_detected": "best - worst: CI covers 0"}[a.verdict]
+        rows.append((f"{key}: {what}\n{a.verdict} ({why})", a.estimate, a.ci_low, a.ci_high, a.verdict))
     if analysis.epochs is not None and analysis.epochs.gain is not None:
         g = analysis.epochs.gain
-        rows.append(("train.epochs", type("A", (), {"estimate": g.estimate, "ci_low": g.low, "ci_high": g.high,
-                                                    "verdict": analysis.epochs.verdict})()))
+        rows.append((f"train.epochs: last - base\n{analysis.epochs.verdict}", g.estimate, g.low, g.high,
+                     analysis.epochs.verdict))
     if not rows:
         raise ValueError("no answer with a CI")
     y = np.arange(len(rows))
-    est = np.array([a.estimate for _, a in rows])
-    low, high = np.array([a.ci_low for _, a in rows]), np.array([a.ci_high for _, a in rows])
-    ax.errorbar(est, y, xerr=[est - low, high - est], fmt="o", color="black", capsize=4)
+    for i, (_, est, low, high, verdict) in enumerate(rows):
+        color = {"effect": RED, "equivalent": BLUE}.get(verdict, "black")
+        ax.errorbar([est], [i], xerr=[[est - low], [high - est]], fmt="o", color=color, capsize=4)
     ax.axvline(0, color=GREY, lw=1)
-    if analysis.precision and math.isfinite(analysis.precision):
-        ax.axvspan(-analysis.precision, analysis.precision, color=BLUE, alpha=0.08, label="+-answers.precision")
+    if analysis.margin and math.isfinite(analysis.margin):
+        ax.axvspan(-analysis.margin, analysis.margin, color=BLUE, alpha=0.08, label="+-answers.margin")
         ax.legend(fontsize=8)
-    ax.set_yticks(y, [f"{p}\n({a.verdict})" for p, a in rows])
-    ax.set_xlabel("best minus worst (a slope: per unit; epochs: last minus base), with its CI")
-    ax.set_title("the answers and their uncertainty", fontsize=10)
+    ax.set_yticks(y, [row[0] for row in rows], fontsize=7)
+    ax.set_xlabel("the contrast each verdict rests on, with its CI (red: effect; blue: equivalent; black: neither)")
+    ax.set_title("the answers and their uncertainty (each CI at its look's error rate)", fontsize=10)
 
 
 def pareto(ax, records: list[TrialRecord], analysis: Analysis) -> None:

@@ -72,7 +72,7 @@ def welch(a, b, alpha: float = 0.05) -> Interval:
 
 
 def epochs_answer(curves: list[dict[int, float]], base_epochs: int, alpha: float = 0.05,
-                  precision: float | None = None) -> EpochsAnswer:
+                  margin: float | None = None) -> EpochsAnswer:
     """The epochs question from complete runs' curves (each {epoch: score}, all of the same length).
 
     The best epoch is the mean curve's peak; its range holds every epoch not worse than the peak by
@@ -98,7 +98,7 @@ def epochs_answer(curves: list[dict[int, float]], base_epochs: int, alpha: float
         answer.gain = _paired(grid[:, last - 1] - grid[:, base_epochs - 1], alpha)
         if answer.gain.low > 0 or answer.gain.high < 0:
             answer.verdict = "effect"
-        elif precision is not None and max(abs(answer.gain.low), abs(answer.gain.high)) < precision:
+        elif margin is not None and max(abs(answer.gain.low), abs(answer.gain.high)) < margin:
             answer.verdict = "equivalent"
     return answer
 

@@ -7,7 +7,7 @@ numeric one (`range`/`interval`), a slope (per unit, or per decade on a log scal
 
 Verdicts:
 - `effect`: some pair's simultaneous CI excludes 0 (a slope's CI excludes 0);
-- `equivalent`: every pair's CI lies within +-precision (the slope over the searched range does);
+- `equivalent`: every pair's CI lies within +-margin (`answers.margin`; for a slope, over the searched range);
 - `not_detected`: neither; `bound` says how large a difference the data still allows, and `mde` the
   smallest effect this design detects with 80% power;
 - `insufficient_data`: a value with fewer than 2 usable runs, or no residual degrees of freedom;
@@ -45,6 +45,7 @@ class Level:
     adjusted: float = float("nan")  # model-adjusted mean (other parameters and seed blocks held at their mix)
     sd: float = float("nan")        # raw SD of the usable runs
     se: float = float("nan")        # SE of the adjusted mean
+    cell_n: int = 0                 # in a design: the usable runs of the value's own cell (the contrast's n)
 
 
 @dataclass
@@ -67,8 +68,11 @@ class Answer:
     runs_needed: int = 0             # insufficient_data: more runs that would make it answerable
     why: str = ""                    # insufficient_data: what is missing
     pairs: list[tuple] = field(default_factory=list)  # (a, b, estimate, low, high) of every pair
+    decisive: list[tuple] = field(default_factory=list)  # (higher, lower, estimate, low, high): CIs that exclude 0
+    pair: tuple | None = None        # the pair `estimate` and its CI are of: (higher, lower)
     failing: list[Level] = field(default_factory=list)  # values whose runs failed too often to have an accuracy
     failure_p: float = float("nan")  # "the failure rate is the same at every value" (exact, see `failures`)
+    failure_alpha: float = float("nan")  # the share of alpha the failure test spent (the accuracy CIs the rest)
 
     def settled(self) -> bool:
         return self.verdict in ("effect", "equivalent")
@@ -111,7 +115,7 @@ def _level_vector(fitted: Fit, param: str, index: int) -> np.ndarray:
     return a
 
 
-def _categorical(fitted: Fit, param: str, levels: list[Level], alpha: float, precision: float | None) -> Answer:
+def _categorical(fitted: Fit, param: str, levels: list[Level], alpha: float, margin: float | None) -> Answer:
     term = fitted.terms[param]
     k = len(term.levels)
     vectors = [_level_vector(fitted, param, i) for i in range(k)]
@@ -125,23 +129,30 @@ def _categorical(fitted: Fit, param: str, levels: list[Level], alpha: float, pre
         rows.append((estimate, se, df, crit))
     best = int(np.argmax([lv.adjusted for lv in levels]))
     worst = int(np.argmin([lv.adjusted for lv in levels]))
-    pair = list(itertools.combinations(range(k), 2)).index(tuple(sorted((best, worst))))
-    estimate, se, df, crit = rows[pair]
-    sign = 1.0 if best < worst else -1.0  # pairs are (lower index - higher index)
-    low, high = sorted((sign * pairs[pair][3], sign * pairs[pair][4]))
-    effect = any(lo > 0 or hi < 0 for _, _, _, lo, hi in pairs)
+    oriented = [_higher_first(p) for p in pairs]
+    decisive = sorted((p for p in oriented if p[3] > 0), key=lambda p: -p[2])
+    # The headline: an effect's largest pair whose CI excludes 0 (the words name it), else best minus worst.
+    reported = decisive[0] if decisive else next(p for p in oriented if {p[0], p[1]} == {term.levels[best],
+                                                                                           term.levels[worst]})
     bound = max(max(abs(lo), abs(hi)) for _, _, _, lo, hi in pairs)
-    equivalent = precision is not None and bound < precision
+    equivalent = margin is not None and bound < margin
     # Bonferroni over the k(k-1)/2 pairs: a conservative p-value, cheap enough for thousands of simulated studies.
     p_value = min(1.0, len(pairs) * min(float(2 * stats.t.sf(abs(e) / s, max(d, 1.0))) if s > 0 else 0.0
                                         for e, s, d, _ in rows))
-    return Answer(param, "categorical", "effect" if effect else ("equivalent" if equivalent else "not_detected"),
-                  estimate=abs(estimate), ci_low=low, ci_high=high, alpha=alpha, best=term.levels[best],
-                  worst=term.levels[worst], bound=bound, mde=max(mde(c, d, s) for _, s, d, c in rows),
-                  p_value=p_value, levels=levels, pairs=pairs)
+    return Answer(param, "categorical", "effect" if decisive else ("equivalent" if equivalent else "not_detected"),
+                  estimate=reported[2], ci_low=reported[3], ci_high=reported[4], alpha=alpha,
+                  best=term.levels[best], worst=term.levels[worst], bound=bound,
+                  mde=max(mde(c, d, s) for _, s, d, c in rows), p_value=p_value, levels=levels, pairs=pairs,
+                  decisive=decisive, pair=(reported[0], reported[1]))
 
 
-def _slope(fitted: Fit, param: str, levels: list[Level], alpha: float, precision: float | None) -> Answer:
+def _higher_first(pair: tuple) -> tuple:
+    """(a, b, a - b, low, high) turned so that the first value scores higher: (higher, lower, >= 0, low, high)."""
+    a, b, estimate, low, high = pair
+    return (a, b, estimate, low, high) if estimate >= 0 else (b, a, -estimate, -high, -low)
+
+
+def _slope(fitted: Fit, param: str, levels: list[Level], alpha: float, margin: float | None) -> Answer:
     term = fitted.terms[param]
     a = np.zeros(len(fitted.beta))
     a[term.columns[0]] = 1.0
@@ -153,7 +164,7 @@ def _slope(fitted: Fit, param: str, levels: list[Level], alpha: float, precision
     span = float(scaled.max() - scaled.min())
     bound = max(abs(low), abs(high)) * span  # the largest change over the searched range the data allows
     verdict = "effect" if low > 0 or high < 0 else (
-        "equivalent" if precision is not None and bound < precision else "not_detected")
+        "equivalent" if margin is not None and bound < margin else "not_detected")
     best = values.max() if slope >= 0 else values.min()
     t_value = abs(slope) / se if se > 0 else float("inf")
     return Answer(param, term.kind, verdict, estimate=slope, ci_low=low, ci_high=high, alpha=alpha,
@@ -178,16 +189,16 @@ def _levels(table: pd.DataFrame, usable: pd.Series, param: str, metric: str) -> 
     return out
 
 
-def answers(table: pd.DataFrame, params: list[str], kinds: dict[str, str], metric: str = "objective",
-            alpha: float = 0.05, precision: float | None = None, failed_column: str | None = "failed",
-            seed_column: str | None = "seed") -> list[Answer]:
+def factor_answers(table: pd.DataFrame, params: list[str], kinds: dict[str, str], metric: str = "objective",
+                   alpha: float = 0.05, margin: float | None = None, failed_column: str | None = "failed",
+                   seed_column: str | None = "seed") -> list[Answer]:
     """One `Answer` per parameter in `params`, from one model over the usable runs of `table`.
 
     Args:
         table: one row per finished run: the parameters, `metric`, and optionally `seed` and `failed`.
         kinds: parameter -> categorical | linear | log (what its search expression declared).
         alpha: the error rate of every CI (simultaneous over a parameter's values).
-        precision: what `equivalent` means (None: that verdict is never given).
+        margin: what `equivalent` means (None: that verdict is never given).
     """
     failed = table[failed_column].fillna(False).astype(bool) if failed_column in table else \
         pd.Series(False, index=table.index)
@@ -201,15 +212,26 @@ def answers(table: pd.DataFrame, params: list[str], kinds: dict[str, str], metri
         levels = _levels(table, usable, p, metric) if p in table else []
         thin = [lv for lv in levels if lv.n < 2]
         categorical = kinds.get(p, "categorical") == "categorical"
+        # Where runs failed, a failure test and the accuracy CIs answer the same question: they split its alpha.
+        share = alpha / 2 if categorical and any(lv.failed for lv in levels) else alpha
         if categorical and thin and p in varying and fitted is not None and _answered_by_failures(fitted, p, levels):
-            out.append(_with_failures(fitted, p, levels, alpha, precision))
+            out.append(_with_failures(fitted, p, levels, share, margin))
         elif p not in varying or fitted is None or (categorical and thin):
             out.append(_insufficient(p, kinds.get(p, "categorical"), levels, thin, fitted, len(data), len(varying)))
         elif categorical:
-            out.append(_categorical(fitted, p, levels, alpha, precision))
+            answer = _categorical(fitted, p, levels, share, margin)
+            out.append(_failure_test(answer, levels, share) if share < alpha else answer)
         else:
-            out.append(_slope(fitted, p, levels, alpha, precision))
+            out.append(_slope(fitted, p, levels, alpha, margin))
     return out
+
+
+def _failure_test(answer: Answer, levels: list[Level], share: float) -> Answer:
+    """Runs failed at some value: their rate per value is tested too, at its share of the question's alpha."""
+    answer.failure_p, answer.failure_alpha = failures(levels), share
+    if answer.failure_p < share:
+        answer.verdict = "effect"
+    return answer
 
 
 def _answered_by_failures(fitted: Fit, p: str, levels: list[Level]) -> bool:
@@ -221,10 +243,10 @@ def _answered_by_failures(fitted: Fit, p: str, levels: list[Level]) -> bool:
             and list(fitted.terms[p].levels) == [lv.value for lv in trained])
 
 
-def _with_failures(fitted: Fit, p: str, levels: list[Level], alpha: float, precision: float | None) -> Answer:
+def _with_failures(fitted: Fit, p: str, levels: list[Level], alpha: float, margin: float | None) -> Answer:
     trained = [lv for lv in levels if lv.n >= 2]
-    answer = _categorical(fitted, p, trained, alpha, precision)
-    answer.failing, answer.failure_p = [lv for lv in levels if lv.n < 2], failures(levels)
+    answer = _categorical(fitted, p, trained, alpha, margin)
+    answer.failing, answer.failure_p, answer.failure_alpha = [lv for lv in levels if lv.n < 2], failures(levels), alpha
     if answer.failure_p < alpha:  # the value changes the outcome: its runs fail
         answer.verdict = "effect"
     elif answer.verdict == "equivalent":  # values without an accuracy can't be called equivalent to the others

@@ -12,6 +12,12 @@
   own degrees of freedom): one noisy configuration widens only its own comparisons, and a quiet
   one borrows the others' strength. Contrasts get a sandwich variance from these
   per-configuration variances, and Welch-Satterthwaite degrees of freedom.
+- **The evaluation images** (where each run kept which of them it got right): every run of a study
+  is scored on the same N images, so each configuration's luck on *those* images is shared by all
+  its runs and would never shrink with more seeds. A contrast's variance gets the term
+  Var_i(delta_i) / N, delta_i being the contrast of the configurations' mean correctness on image i
+  (paired across images), less what the runs' own noise adds to Var_i (estimated per image from
+  the runs of each configuration), with N - 1 degrees of freedom.
 
 Pure numpy/scipy: fast enough for calibration on thousands of simulated studies.
 """
@@ -52,15 +58,70 @@ class Fit:
     prior_df: float             # how strongly (inf: all equal)
     terms: dict[str, Term]
     data: pd.DataFrame          # the runs the model was fitted on
+    images: Images | None = None  # per configuration, its runs' right/wrong on the evaluation images
 
     def contrast(self, a: np.ndarray) -> tuple[float, float, float]:
-        """(estimate, standard error, degrees of freedom) of a'beta."""
+        """(estimate, standard error, degrees of freedom) of a'beta, the evaluation images' term included."""
         g = self.x @ (self.xtx_inv @ a)                    # each run's weight in the estimate
         weights = np.bincount(self.cells, weights=g ** 2, minlength=len(self.cell_var))
         parts = weights * self.cell_var
         var = float(parts.sum())
-        df = var ** 2 / float(np.sum(parts ** 2 / self.cell_df)) if var > 0 else float("inf")
+        noise = float(np.sum(parts ** 2 / self.cell_df))
+        if self.images is not None:
+            term = self.images.variance(np.bincount(self.cells, weights=g, minlength=len(self.cell_var)))
+            var, noise = var + term, noise + term ** 2 / max(self.images.count - 1, 1)
+        df = var ** 2 / noise if var > 0 else float("inf")
         return float(a @ self.beta), math.sqrt(max(var, 0.0)), min(df, self.residual_df)
+
+    def eval_share(self, a: np.ndarray) -> float:
+        """The share of a contrast's variance that the evaluation images contribute (0 without their records)."""
+        if self.images is None:
+            return 0.0
+        g = self.x @ (self.xtx_inv @ a)
+        term = self.images.variance(np.bincount(self.cells, weights=g, minlength=len(self.cell_var)))
+        total = float(np.sum(np.bincount(self.cells, weights=g ** 2, minlength=len(self.cell_var)) * self.cell_var))
+        return term / (total + term) if total + term > 0 else 0.0
+
+
+@dataclass
+class Images:
+    """Per configuration: its runs' mean right/wrong per evaluation image, the per-image variance over runs, runs."""
+
+    means: np.ndarray          # (configurations, N)
+    variances: np.ndarray      # (configurations, N), over runs (ddof 1)
+    runs: np.ndarray           # (configurations,) runs that kept their images
+
+    @property
+    def count(self) -> int:
+        return self.means.shape[1]
+
+    def variance(self, w: np.ndarray) -> float:
+        """Var over the images of sum_c w_c * mean_c (paired), less the runs' own noise in it, over N; >= 0.
+
+        A configuration whose weight counts but that kept fewer than 2 runs' images gets no term: it
+        can't be paired (the caller then has the seeds' variance alone)."""
+        used = np.abs(w) > 1e-12
+        if not used.any() or (self.runs[used] < 2).any():
+            return 0.0
+        delta = w[used] @ self.means[used]
+        noise = ((w[used] ** 2 / self.runs[used])[:, None] * self.variances[used]).sum(axis=0).mean()
+        return max(float(np.var(delta, ddof=1)) - float(noise), 0.0) / self.count
+
+
+def images_of(correct: list, cells: np.ndarray, n_cells: int) -> Images | None:
+    """Stack each configuration's runs' right/wrong vectors; None when no run kept them or their sizes differ."""
+    kept = [(c, np.asarray(v, float)) for c, v in zip(cells, correct) if v is not None and len(v)]
+    if not kept or len({len(v) for _, v in kept}) != 1:
+        return None
+    size = len(kept[0][1])
+    means, variances, runs = np.zeros((n_cells, size)), np.zeros((n_cells, size)), np.zeros(n_cells)
+    for c in range(n_cells):
+        rows = np.array([v for cell, v in kept if cell == c])
+        runs[c] = len(rows)
+        if len(rows):
+            means[c] = rows.mean(axis=0)
+            variances[c] = rows.var(axis=0, ddof=1) if len(rows) > 1 else 0.0
+    return Images(means, variances, runs)
 
     @property
     def sd(self) -> float:
@@ -126,8 +187,11 @@ def _trigamma_inverse(value: float) -> float:
 
 
 def fit(data: pd.DataFrame, params: list[str], kinds: dict[str, str], metric: str = "objective",
-        seed_column: str | None = "seed") -> Fit | None:
-    """Fit the model to the runs in `data` (one row each); None when it can't be fitted (confounded, too few runs)."""
+        seed_column: str | None = "seed", correct_column: str = "correct") -> Fit | None:
+    """Fit the model to the runs in `data` (one row each); None when it can't be fitted (confounded, too few runs).
+
+    `correct_column`: each run's right/wrong per evaluation image (an array, or None), for the images' term.
+    """
     config = data[params].astype(str).agg("|".join, axis=1) if params else pd.Series("", index=data.index)
     cells = pd.factorize(config)[0]
     columns, terms = _terms(data, params, kinds)
@@ -157,6 +221,7 @@ def fit(data: pd.DataFrame, params: list[str], kinds: dict[str, str], metric: st
     # (A cell of one or two runs has too few degrees of freedom for its own estimate to mean anything.)
     own = (variances > moderated) & (dfs >= 1.5)
     moderated, cell_df = np.where(own, variances, moderated), np.where(own, np.maximum(dfs, 1.0), cell_df)
+    images = images_of(list(data[correct_column]), cells, n_cells) if correct_column in data else None
     return Fit(beta=beta, x=x, y=y, xtx_inv=xtx_inv, cells=cells, cell_var=np.maximum(moderated, 1e-12),
                cell_df=np.maximum(cell_df, 1.0), residual_df=residual_df, prior_var=prior_var, prior_df=prior_df,
-               terms=terms, data=data)
+               terms=terms, data=data, images=images)

@@ -1,50 +1,141 @@
-"""Simulated studies with known truth, for checking that the verdicts are calibrated.
+"""Simulated studies with known truth, for checking that the verdicts are calibrated on the design we run.
 
-`design_study` simulates the study `make sweep` runs: one factor at a time around a baseline, the
-baseline with more seeds, seeds shared across cells (blocks), a noise SD per cell, and optionally
-a run that failed at chance level. `curves` simulates learning curves whose epochs are correlated
-within a run. `factorial_study` is a full grid, as an optimiser's study might approach.
+`Simulator` draws runs of the study `make sweep` runs, image by image: every run is scored on the
+same N evaluation images; image i is right with probability sigmoid(a_i + b_ci + shift_c + e_r),
+where a_i is the image's difficulty, b_ci a fixed interaction of the configuration with the image
+(so each configuration is luckier on *these* images by an offset that no number of seeds removes:
+`offset_sd`, in accuracy points), shift_c its true effect and e_r the run's own deviation
+(initialisation, data order, training subset). `sequential_study` runs the real rules on it: one
+factor at a time around a baseline with more seeds, the long arm's runs counted as baseline
+replicates, looks that spend the error rate, the allocation of later rounds. `curves` simulates
+learning curves whose epochs are correlated within a run; `factorial_study` is a full grid.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit, logit
 
+from cnnexp.design import TASK, Design, _questions, config_key
 from cnnexp.stats.sequential import Cell, allocate, spend
-from cnnexp.stats.settle import cell_key, look
+from cnnexp.stats.settle import look
+
+MAIN = "m"
+
+
+def simulated_design(levels: dict[str, list], baseline: dict, seeds: int = 4) -> Design:
+    design = Design(seeds=seeds, baseline=dict(baseline), vary={k: list(v) for k, v in levels.items()}, main=MAIN,
+                    arms={})
+    design.questions = _questions(design, {})
+    return design
+
+
+@dataclass
+class Simulator:
+    """Runs of a one-factor-at-a-time study, with their right/wrong on N shared evaluation images."""
+
+    rng: np.random.Generator
+    design: Design
+    effects: dict[str, dict] = field(default_factory=dict)  # factor -> {value: true shift, in accuracy points}
+    sigma: float = 0.016          # SD of a run's accuracy around its configuration's (binomial part included)
+    offset_sd: float = 0.004      # SD of a configuration's fixed luck on the evaluation images
+    images: int = 3000
+    base: float = 0.45
+    cell_sigma: dict = field(default_factory=dict)  # (factor, value) or "baseline" -> another sigma
+
+    def __post_init__(self):
+        self.difficulty = self.rng.normal(logit(self.base), 1.2, self.images)
+        slope = expit(self.difficulty) * (1 - expit(self.difficulty))
+        self.slope = float(slope.mean())
+        binomial = float(np.mean(expit(self.difficulty) * (1 - expit(self.difficulty)))) / self.images
+        self.run_sd = lambda sigma: np.sqrt(max(sigma ** 2 - binomial, 1e-12)) / self.slope
+        self.tau = self.offset_sd * np.sqrt(self.images) / np.sqrt(float(np.mean(slope ** 2)))
+        self.interaction: dict[str, np.ndarray] = {}
+        self.next_seed = 0
+
+    def _changed(self, cell: dict):
+        return next(((f, v) for f, v in cell.items() if f != TASK and v != self.design.baseline[f]), None)
+
+    def runs(self, cell: dict, n: int, **extra) -> pd.DataFrame:
+        key = config_key(cell)
+        if key not in self.interaction:
+            self.interaction[key] = self.rng.normal(0.0, self.tau, self.images) if self.offset_sd else 0.0
+        changed = self._changed(cell)
+        shift = self.effects.get(changed[0], {}).get(changed[1], 0.0) if changed else 0.0
+        sigma = self.cell_sigma.get(changed if changed else "baseline", self.sigma)
+        rows = []
+        for _ in range(n):
+            logits = self.difficulty + self.interaction[key] + shift / self.slope + self.rng.normal(0, self.run_sd(sigma))
+            correct = self.rng.random(self.images) < expit(logits)
+            rows.append({**{f: cell[f] for f in self.design.vary}, "seed": self.next_seed, "failed": False,
+                         "cell": key, "objective": float(correct.mean()), "correct": correct, **extra})
+            self.next_seed += 1
+        return pd.DataFrame(rows)
+
+    def first_round(self, arm_runs: int = 0) -> pd.DataFrame:
+        """Every cell with its first seeds (the baseline with about sqrt(k) times as many), and the long arm's runs
+        at the baseline's epochs (baseline replicates of their own)."""
+        parts = [self.runs(cell, count) for cell, count in self.design.first_round()]
+        if arm_runs:
+            parts.append(self.runs(self.design.baseline_cell(), arm_runs, from_epochs_arm=True))
+        return pd.concat(parts, ignore_index=True)
+
+
+def sequential_study(sim: Simulator, margin: float, looks: int = 4, alpha: float = 0.05, runs_per_round: int = 24,
+                     arm_runs: int = 4) -> dict[str, str]:
+    """A designed study settled in rounds, as `make sweep` runs it: each question's verdict over all its looks.
+
+    Every look answers with its share of the error rate (`sequential.spend`); a question keeps the
+    first settled verdict it reached; unsettled ones get `runs_per_round` more runs where
+    `sequential.allocate` says (every run costs the same here).
+    """
+    table = sim.first_round(arm_runs)
+    verdicts: dict[str, str] = {}
+    for j in range(1, looks + 1):
+        seen = look(table, {}, None, sim.design, spend(j, looks, alpha, final=j == looks), margin, set(verdicts))
+        for name, answer in seen.factors.items():
+            if name not in verdicts and answer.settled():
+                verdicts[name] = answer.verdict
+        needs = [need for need in seen.needs if need.question not in verdicts]
+        if j == looks or not needs:
+            break
+        counts = table["cell"].value_counts()
+        var = table.groupby("cell")["objective"].var().fillna(sim.sigma ** 2)
+        cells = {c: Cell(int(counts[c]), float(var[c]), 1.0) for c in counts.index}
+        add = allocate(needs, cells, float(runs_per_round))
+        table = pd.concat([table, *(sim.runs(sim.design.cell(c), n) for c, n in add.items())], ignore_index=True)
+    return {name: verdicts.get(name, "not_detected") for name in sim.design.vary}
 
 
 def design_study(rng: np.random.Generator, levels: dict[str, list], baseline: dict, effects: dict[str, dict],
                  sigma: float, seeds: int, baseline_seeds: int | None = None, cell_sigma: dict | None = None,
-                 block_sd: float = 0.0, outlier: tuple[str, object] | None = None, base: float = 0.45,
-                 first_seed: dict | None = None) -> pd.DataFrame:
-    """One factor at a time around `baseline`; score = base + the changed factor's effect + block + noise.
+                 outlier: tuple[str, object] | None = None, offset_sd: float = 0.0, images: int = 0) -> pd.DataFrame:
+    """One round of a one-factor-at-a-time study (summary scores, or image by image with `images`).
 
-    Args:
-        levels: factor -> its values (the baseline's among them).
-        effects: factor -> {value: shift}; values not named shift by 0.
-        sigma: the noise SD of every cell, unless `cell_sigma` names (factor, value) -> another SD.
-        seeds, baseline_seeds: runs per cell, and of the baseline (default: seeds).
-        block_sd: SD of the seed blocks: a run's seed shifts every cell that uses it alike.
-        outlier: (factor, value) whose first run failed at chance level (0.10, `failed`).
-        first_seed: cell key -> the seed its runs start from (later rounds continue a cell's seeds).
+    Without images, score = base + the changed factor's effect + N(0, sigma) per run (plus a fixed
+    per-configuration offset of SD `offset_sd`, which no CI then covers); `outlier`: (factor, value)
+    whose first run failed at chance level (0.10, `failed`).
     """
-    cells = [dict(baseline)] + [{**baseline, f: v} for f, values in levels.items() for v in values if v != baseline[f]]
-    blocks = rng.normal(0.0, block_sd, 1000) if block_sd else np.zeros(1000)
+    design = simulated_design(levels, baseline, seeds)
+    if images:
+        sim = Simulator(rng, design, effects, sigma, offset_sd, images, cell_sigma=cell_sigma or {})
+        return sim.first_round()
     rows = []
-    for i, cell in enumerate(cells):
-        changed = next(((f, v) for f, v in cell.items() if v != baseline[f]), None)
+    for i, cell in enumerate(design.main_cells()):
+        changed = next(((f, v) for f, v in cell.items() if f != TASK and v != baseline[f]), None)
         shift = effects.get(changed[0], {}).get(changed[1], 0.0) if changed else 0.0
-        sd = (cell_sigma or {}).get(changed, sigma) if changed else (cell_sigma or {}).get("baseline", sigma)
-        start = (first_seed or {}).get(cell_key(cell), 0)
-        for seed in range(start, start + (baseline_seeds or seeds if i == 0 else seeds)):
-            rows.append({**cell, "seed": seed, "objective": base + shift + blocks[seed] + rng.normal(0, sd),
-                         "failed": False, "cell": cell_key(cell)})
+        sd = (cell_sigma or {}).get(changed if changed else "baseline", sigma)
+        offset = rng.normal(0, offset_sd) if offset_sd else 0.0
+        count = (baseline_seeds or seeds) if i == 0 else seeds
+        for _ in range(count):
+            rows.append({**{f: cell[f] for f in levels}, "seed": len(rows), "objective": 0.45 + shift + offset
+                         + rng.normal(0, sd), "failed": False, "cell": config_key(cell)})
         if outlier is not None and changed == outlier:
-            rows[-seeds] |= {"objective": 0.10, "failed": True}
+            rows[-count] |= {"objective": 0.10, "failed": True}
     return pd.DataFrame(rows)
 
 
@@ -72,41 +163,3 @@ def factorial_study(rng: np.random.Generator, design: dict[str, list], effects: 
     table["objective"] = 0.5 + shift + rng.normal(0.0, sigma, len(table))
     table["failed"] = False
     return table
-
-
-def sequential_study(rng: np.random.Generator, levels: dict[str, list], baseline: dict, effects: dict[str, dict],
-                     sigma: float, seeds: int, baseline_seeds: int, precision: float, looks: int = 4,
-                     alpha: float = 0.05, runs_per_round: int = 24) -> dict[str, str]:
-    """A designed study settled in rounds, as `make sweep` runs it: each question's verdict over all its looks.
-
-    Every look answers with its share of the error rate (`sequential.spend`); unsettled questions get
-    `runs_per_round` more runs where `sequential.allocate` says (every run costs the same here); a
-    question keeps the first settled verdict it reached.
-    """
-
-    design = {"baseline": baseline, "vary": levels, "base_epochs": 0}
-    table = design_study(rng, levels, baseline, effects, sigma, seeds, baseline_seeds)
-    verdicts: dict[str, str] = {}
-    for j in range(1, looks + 1):
-        seen = look(table, {}, None, design, spend(j, looks, alpha, final=j == looks), precision)
-        for name, answer in seen.factors.items():
-            if name not in verdicts and answer.settled():
-                verdicts[name] = answer.verdict
-        needs = [need for need in seen.needs if need.question not in verdicts]
-        if j == looks or not needs:
-            break
-        counts = table["cell"].value_counts()
-        var = table.groupby("cell")["objective"].var().fillna(sigma ** 2)
-        cells = {c: Cell(int(counts[c]), float(var[c]), 1.0) for c in counts.index}
-        add = allocate(needs, cells, float(runs_per_round))
-        starts = {c: int(table.loc[table["cell"] == c, "seed"].max()) + 1 for c in add}
-        for cell, n in add.items():
-            values = dict(part.split("=") for part in cell.split(","))
-            typed = {f: next(v for v in levels[f] if str(v) == values[f]) for f in levels}
-            changed = next(((f, v) for f, v in typed.items() if v != baseline[f]), None)
-            extra = design_study(rng, {f: [typed[f]] for f in levels}, typed, {}, sigma, n,
-                                 first_seed={cell: starts[cell]})
-            shift = effects.get(changed[0], {}).get(changed[1], 0.0) if changed else 0.0
-            extra["objective"] += shift
-            table = pd.concat([table, extra], ignore_index=True)
-    return {name: verdicts.get(name, "not_detected") for name in levels}

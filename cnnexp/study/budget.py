@@ -1,149 +1,155 @@
-"""What a study costs, and how much data and how many seeds fit a compute budget.
+"""What a study costs, and which rung of training-set sizes and how many seeds fit a compute budget.
 
 One timer for everything that predicts seconds (the plan, the estimate, the benchmarks): a short
 run of a configuration through the trials' own training path (`cnnexp.run.run`, tracking off,
-the study's evaluation set), split into a cost model
+the study's evaluation set), split into a cost model (`cnnexp.plan.Timing`)
 
     seconds of a trial = fixed + epochs x (train images x per_image + per_epoch)
 
-(`fixed`: building, compiling, the first epoch's tracing and the test split; `per_epoch`: the
-validation on the evaluation set). With `sweep.budget=45m` a study times each configuration it
-will train, picks the largest `dataset.train_limit` whose first round fits its share of the budget,
-and keeps the rest for the seeds that settle the answers (`cnnexp.study.rounds`). The plan is
-printed before the first trial and stored on the study, so that every worker and every resumed
-run trains on the same data: `dataset.train_limit` never changes during a study, surplus time buys
-seeds. Predictions are recalibrated from the trials that finished (`calibration`).
+A plan must not move with the weather. So the first epoch of a timing run is a warm-up (tracing,
+caches), every later batch is timed on its own, and the cost per image is the *median* over those
+batches (one slow moment moves a median little); it is measured in CPU seconds as well as wall
+seconds, and the rung is chosen on the CPU seconds (the work, which a process competing for the
+cores hardly changes) divided by the parallelism this machine gives a trial when it is alone. The
+sizes are a fixed ladder that doubles (`cnnexp.plan.LADDER`): the largest rung whose first round
+fits its share of the budget. `dataset.train_limit=N` pins the size and skips the choice. The wall
+seconds, as timed, are what the plan predicts; predictions are recalibrated from the trials that
+finished (`calibration`), which moves the number of seeds, never the rung.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
 
-from cnnexp import runtime
+import optuna
+
+from cnnexp import record, runtime, stop, stores
 from cnnexp.config import compose_config
+from cnnexp.console import say
+from cnnexp.design import TASK, config_key
 from cnnexp.errors import ConfigError
+from cnnexp.plan import Plan, PlannedCell, Timing, rungs
 from cnnexp.record import TrialRecord
-from cnnexp.run import prepare, run
+from cnnexp.run import DatasetMemo, prepare, run
+from cnnexp.study.settings import parse_budget
+from cnnexp.study.space import Sweep, trial_overrides
 
-MIN_TRAIN = 500           # fewer training images than this answer nothing worth the time
-TIMING_IMAGES = 1000      # images a timing run trains on, for 2 epochs
-TIMING_EVAL = 500         # images it validates and tests on; the study's own sizes are scaled from these
+TIMING_BATCHES = 12       # steady batches timed per configuration (after a warm-up epoch)
+TIMING_EVAL = 500         # images a timing run validates and tests on; the study's own sizes are scaled from these
 TRACKING_SECONDS = 2.0    # what MLflow adds to a trial (child run, params, metrics), measured here
+# CPU seconds per wall second TensorFlow's training gets on this machine when nothing else runs: its threads
+# over the cores it may use, less what synchronisation costs (measured here: about 1.7 on 2 cores).
+EFFICIENCY = 0.85
 
 
-@dataclass
-class Timing:
-    """One configuration's cost model (seconds)."""
+def parallelism() -> float:
+    """What a trial alone gets: the cores this process may use, at TensorFlow's measured efficiency."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1.0, cores * EFFICIENCY)
 
-    fixed: float
-    per_image: float
-    per_epoch: float
 
-    def predict(self, images: int, epochs: int) -> float:
-        return self.fixed + epochs * (images * self.per_image + self.per_epoch)
+def batch_timer():
+    """A Keras callback timing each training batch in wall and CPU seconds (the process's, all threads)."""
+    keras = runtime.keras()
+
+    class BatchTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.wall, self.cpu, self.epoch = [], [], 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+            self._mark()
+
+        def _mark(self):
+            self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            stop.check()  # a stop signal ends the plan's timing too
+            self._mark()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch > 0:  # the first epoch warms up: tracing, allocations, caches
+                self.wall.append(time.perf_counter() - self._wall)
+                self.cpu.append(time.process_time() - self._cpu)
+
+    return BatchTimer()
 
 
 def time_config(overrides: list[str], datasets=None) -> Timing:
-    """Time one configuration: 2 short epochs through `run`, with the study's evaluation set."""
+    """Time one configuration: a warm-up epoch, then at least TIMING_BATCHES batches one by one, through `run`."""
     study = compose_config(overrides)
-    small = [*overrides, f"dataset.train_limit={TIMING_IMAGES}", f"dataset.test_limit={TIMING_EVAL}", "train.epochs=2",
+    batch = int(study.train.batch_size)
+    images = max(1000, (TIMING_BATCHES + 1) // 2 * batch)  # two timed epochs hold TIMING_BATCHES batches
+    small = [*overrides, f"dataset.train_limit={images}", f"dataset.test_limit={TIMING_EVAL}", "train.epochs=3",
              "tracking=off", "train.verbose=0"]
     if study.dataset.get("eval_limit") is not None:
         small.append(f"dataset.eval_limit={TIMING_EVAL}")
     cfg = compose_config(small)
     prepare(cfg, validated=True, datasets=datasets)  # decoding is not a trial's cost: it happens once
+    timer = batch_timer()
     began = time.perf_counter()
-    result = run(cfg, validated=True, datasets=datasets)
+    result = run(cfg, validated=True, datasets=datasets, callbacks=[timer])
     wall = time.perf_counter() - began
-    seconds, validation = result.history["epoch_seconds"], result.history.get("val_seconds", [0.0, 0.0])
-    steady = seconds[-1]
-    per_image = max(steady - validation[-1], 1e-6) / max(result.train_images, 1)
+    seconds, validation = result.history["epoch_seconds"], result.history.get("val_seconds", [0.0] * 3)
+    per_image = statistics.median(timer.wall) / batch
+    steady = per_image * result.train_images + validation[-1]  # an epoch at the median batch
     # Validation and test scale with their images: the study's sizes, from what the timing run measured.
-    per_eval_image = validation[-1] / max(result.eval_images, 1)
+    per_eval_image = statistics.median(validation[1:]) / max(result.eval_images, 1)
     test_extra = per_eval_image * max(0, int(study.dataset.test_limit or 10_000) - result.test_images)
     if study.dataset.get("eval_limit") is not None:  # a fixed evaluation set: a cost per epoch
         per_epoch = per_eval_image * int(study.dataset.eval_limit)
     else:  # a share of the training subset validates: a cost per image
         per_epoch, per_image = 0.0, per_image + per_eval_image * float(study.train.val_fraction)
-    return Timing(fixed=max(wall - sum(seconds), 0.0) + (seconds[0] - steady) + TRACKING_SECONDS + test_extra,
-                  per_image=per_image, per_epoch=per_epoch)
+    fixed = max(wall - sum(seconds), 0.0) + max(seconds[0] - steady, 0.0) + TRACKING_SECONDS + test_extra
+    return Timing(fixed=fixed, per_image=per_image, per_epoch=per_epoch,
+                  cpu_per_image=statistics.median(timer.cpu) / batch, parallelism=parallelism())
 
 
-@dataclass
-class Planned:
-    """One configuration of a plan: its overrides, runs in the first round, epochs, and images (None: ours to pick)."""
+def _total(cells: list[PlannedCell], timings: dict[str, Timing], images: int, work: bool = False) -> float:
+    def one(c):
+        timing = timings[c.cell]
+        return (timing.work if work else timing.predict)(c.images or images, c.epochs)
 
-    cell: str
-    overrides: list[str]
-    runs: int
-    epochs: int
-    images: int | None = None
-    timing: dict = field(default_factory=dict)
+    return sum(c.runs * one(c) for c in cells)
 
 
-@dataclass
-class Plan:
-    budget_s: float
-    train_limit: int              # training images per main-task trial
-    full_train: int               # what the sweep would train on without a budget
-    first_round_s: float          # predicted seconds of the first round
-    trials: int
-    device: str
-    share: float                  # of the budget the first round may use; the rest buys seeds
-    cells: list[dict] = field(default_factory=list)  # the `Planned` cells, with their timing
-
-    def text(self) -> str:
-        shrunk = (f"{self.train_limit:,} of the {self.full_train:,} training images" if self.train_limit < self.full_train
-                  else f"all {self.full_train:,} training images")
-        later = self.budget_s - self.first_round_s
-        return (f"Plan for sweep.budget={self.budget_s / 60:.0f} min on {self.device}: a first round of {self.trials} "
-                f"trials on {shrunk} (dataset.train_limit={self.train_limit}), predicted {self.first_round_s / 60:.1f} "
-                f"min; the other {max(later, 0) / 60:.1f} min add seeds where the answers are not settled yet.")
-
-    def predict(self, cell: str, calibration: float = 1.0) -> float:
-        """Seconds of one more trial of `cell`."""
-        for planned in self.cells:
-            if planned["cell"] == cell:
-                images = planned["images"] or self.train_limit
-                return calibration * Timing(**planned["timing"]).predict(images, planned["epochs"])
-        raise KeyError(cell)
-
-
-def _total(cells: list[Planned], timings: dict[str, Timing], images: int) -> float:
-    return sum(c.runs * timings[c.cell].predict(c.images or images, c.epochs) for c in cells)
-
-
-def plan(cells: list[Planned], budget_s: float, full_train: int, share: float, datasets=None,
-         timings: dict[str, Timing] | None = None) -> Plan:
-    """The largest training-set size whose first round fits `share` of the budget.
+def plan(cells: list[PlannedCell], budget_s: float, full_train: int, share: float, datasets=None,
+         timings: dict[str, Timing] | None = None, pinned: int | None = None) -> Plan:
+    """The largest rung of training images whose first round fits `share` of the budget (or the pinned size).
 
     Raises:
-        ConfigError: even the smallest training set does not fit; the message gives the budget that would.
+        ConfigError: even the smallest rung (or the pinned size) does not fit; the message gives the budget that would.
     """
-    timings = timings or {c.cell: time_config(c.overrides, datasets) for c in cells}
-    smallest = min(MIN_TRAIN, full_train)
-    needed = _total(cells, timings, smallest) / share
-    if needed > budget_s:
-        runs = sum(c.runs for c in cells)
-        raise ConfigError(f"sweep.budget={budget_s / 60:g} min can't fit this study: its first round ({runs} trials, "
-                          f"{smallest:,} training images each) needs about {needed / 60:.1f} min with the seeds that "
-                          f"follow; give sweep.budget={int(needed / 60) + 1}m or more, or fewer cells or seeds.")
-    images = full_train
-    while images > smallest and _total(cells, timings, images) > share * budget_s:
-        images = max(smallest, int(images * 0.92) // 100 * 100)
+    timings = timings or {}
     for c in cells:
-        c.timing = asdict(timings[c.cell])
+        if c.cell not in timings:
+            stop.check()
+            timings[c.cell] = time_config(c.overrides, datasets)
+    ladder = [pinned] if pinned else rungs(full_train)
+    fitting = [r for r in ladder if _total(cells, timings, r, work=True) <= share * budget_s]
+    if not fitting:
+        needed = _total(cells, timings, ladder[0], work=True) / share
+        what = f"dataset.train_limit={pinned}" if pinned else f"{ladder[0]:,} training images each"
+        raise ConfigError(f"sweep.budget={budget_s / 60:g} min can't fit this study: its first round "
+                          f"({sum(c.runs for c in cells)} trials, {what}) needs about {needed / 60:.1f} min with the "
+                          f"seeds that follow; give sweep.budget={int(needed / 60) + 1}m or more, or fewer cells or "
+                          "seeds.")
+    images = max(fitting)
+    planned = [PlannedCell(c.cell, c.overrides, c.runs, c.epochs, c.images, timings[c.cell]) for c in cells]
     return Plan(budget_s=budget_s, train_limit=images, full_train=full_train,
                 first_round_s=_total(cells, timings, images), trials=sum(c.runs for c in cells),
-                device=runtime.device_description(), share=share, cells=[asdict(c) for c in cells])
+                device=runtime.device_description(), share=share, cells=planned, pinned=bool(pinned))
 
 
 def calibration(plan: Plan, records: list[TrialRecord], cell_of) -> float:
     """Actual over predicted seconds of the trials that completed (1.0 before any): the planner's correction."""
     actual = predicted = 0.0
     for facts in records:
-        if facts.complete and facts.duration_s and facts.retry_of is None and facts.resumed_from_epoch is None:
+        if facts.complete and facts.duration_s and facts.retry_of is None and facts.resumed_from_epoch is None \
+                and facts.confirms is None:
             try:
                 predicted += plan.predict(cell_of(facts))
             except KeyError:
@@ -159,3 +165,50 @@ def estimate(overrides: list[str], trials: int, epochs: int, train_images: int, 
     return (f"No GPU found ({runtime.device_description()}): up to {trials} trials x {epochs} epochs x {train_images:,} "
             f"training images, at ~{1 / timing.per_image:.0f} images/s of the base configuration: roughly "
             f"{minutes:.1f} min (pruning and other configurations change this; sweep.budget plans instead).")
+
+
+def planned_cells(sweep: Sweep) -> list[PlannedCell]:
+    """What the first round trains, per configuration (a design's cells; else n_trials of the base config)."""
+    if sweep.design is None:
+        return [PlannedCell("base", list(sweep.overrides), int(sweep.settings.n_trials), int(sweep.base.train.epochs))]
+    cells = []
+    for cell, count in sweep.design.first_round():
+        overrides = trial_overrides(sweep, cell)
+        cfg = compose_config(overrides)
+        images = len(prepare(cfg, validated=True)[1].y_train) if sweep.design.own_data(cell[TASK]) else None
+        cells.append(PlannedCell(config_key(cell), overrides, count, int(cfg.train.epochs), images))
+    return cells
+
+
+def apply_plan(sweep: Sweep, study: optuna.Study) -> Plan | None:
+    """With `sweep.budget`: plan the training-set size once per study, store it, say it.
+
+    The plan is stored on the study, so that every worker and every resumed run trains on the
+    same data as the first; it reaches each trial as a value (`Objective._prepare`). A study
+    without a budget trains what it was told to.
+    """
+    settings = sweep.settings
+    seconds = parse_budget(settings.get("budget"))
+    made = record.read_study(study).plan
+    if made is None and seconds is None:
+        return None
+    if made is None:
+        with stores.lock(str(settings.storage)):
+            made = record.read_study(study).plan
+            if made is None:
+                say(f"Timing each configuration for sweep.budget={settings.budget} ...")
+                pinned = sweep.data_key("dataset.train_limit")
+                full = full_train(sweep)
+                share = 0.55 if sweep.design is not None and int(sweep.answers.looks) > 1 else 1.0
+                made = plan(planned_cells(sweep), seconds, full, share, DatasetMemo(),
+                            pinned=int(pinned) if pinned else None)
+                record.write_study(study, plan=made)
+                say(made.text())
+    return made
+
+
+def full_train(sweep: Sweep) -> int:
+    """The training images the main task has without a limit (what the evaluation set leaves)."""
+    from cnnexp.data.load import load_raw
+
+    return len(load_raw(sweep.base.dataset).y_train) - int(sweep.data_key("dataset.eval_limit") or 0)

@@ -8,7 +8,8 @@
 2. **No configuration is trained twice with the same seed.** A sampler that draws a configuration
    again, a second worker, or a resumed study would otherwise retrain it identically and report
    zero seed noise. `assign_seed` gives such a draw the next seed that configuration has not
-   used: it becomes a genuine replicate, and the report counts it as one.
+   used: it becomes a genuine replicate, and the report counts it as one. In a designed study no
+   two runs share a seed at all (see `assign_seed`).
 
 Before anything is written, the storage is checked: a corrupt or foreign SQLite file, a full
 disk, or a study of this name with another search space is one line, never a traceback.
@@ -16,7 +17,6 @@ disk, or a study of this name with another search space is one line, never a tra
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -24,16 +24,13 @@ import optuna
 from omegaconf import OmegaConf
 
 from cnnexp import record, stores
+from cnnexp.design import Design, config_key
 from cnnexp.errors import ConfigError, StorageError
-from cnnexp.study.settings import constraint, objectives
+from cnnexp.study.settings import PRUNERS, SAMPLERS, constraint, objectives
 from cnnexp.study.space import distribution, grid_of
 
-SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
-            "cmaes": "CmaEsSampler", "gp": "GPSampler", "nsga2": "NSGAIISampler"}
-PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "successive_halving": "SuccessiveHalvingPruner",
-           "hyperband": "HyperbandPruner"}
-SEED_KEY = "train.seed"
 LOST = "worker lost: no heartbeat (killed, out of memory, or its machine went away)"
+UNPREPARED = "could not be prepared"  # a trial that failed before training: it does not count towards n_trials
 WAITING = optuna.trial.TrialState.WAITING
 
 
@@ -42,12 +39,15 @@ class StudyFull(Exception):
 
 
 def count_trials(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """Trials that count towards `n_trials`: all but repeats (extra seeds), later rounds and retried failures."""
+    """Trials that count towards `n_trials`: all but repeats (extra seeds), later rounds (confirmations too),
+    retried failures and trials that failed before they trained."""
     retried = {n for t in trials for n in record.retry_history(t)}
     total = 0
     for t in trials:
         facts = record.read_trial(t)
-        if facts.repeat_of is None and facts.round == 1 and not (t.state.name == "FAIL" and t.number in retried):
+        failed = t.state.name == "FAIL"
+        if facts.repeat_of is None and facts.round == 1 and not (failed and t.number in retried) \
+                and not (failed and (facts.error or "").startswith(UNPREPARED)):
             total += 1
     return total
 
@@ -168,28 +168,40 @@ def make_pruner(settings) -> optuna.pruners.BasePruner:
         raise ConfigError(f"sweep.pruner: {err}") from err
 
 
-def _same_space(study: optuna.Study, expressions: dict, design: dict | None, url: str) -> None:
-    """A study of this name that searched another space (or ran another design) is refused, before any trial."""
+def same_study(study: optuna.Study, expressions: dict, design: Design | None, regime: dict | None, url: str) -> None:
+    """A study of this name that searched another space, ran another design or measured another regime (metric,
+    direction, epochs, an override that changes what a trial measures) is refused before any trial: its report
+    would mix them."""
     facts = record.read_study(study)
     stored = facts.space
     if stored is None:  # a study from before the space was stored: its trials' distributions tell
         stored = {}
         for trial in study.get_trials(deepcopy=False):
             stored.update({k: repr(v) for k, v in trial.distributions.items()})
-        if not stored:
-            return
-        expressions = {k: repr(distribution(k, v)) for k, v in expressions.items()}
+        expressions = {k: repr(distribution(k, v)) for k, v in expressions.items()} if stored else stored
+    cells = ("baseline", "vary", "arms")
     if stored != expressions or (facts.design is not None and design is not None
-                                 and {k: facts.design.get(k) for k in ("baseline", "vary", "arms")}
-                                 != {k: design.get(k) for k in ("baseline", "vary", "arms")}):
+                                 and {k: getattr(facts.design, k) for k in cells} != {k: getattr(design, k) for k in cells}):
         had = "; ".join(f"{k}: {v}" for k, v in stored.items())
         raise ConfigError(f"The study {study.study_name!r} exists in {url} with another search space "
                           f"({had}). Rerun it with that space, or start a new study: "
                           f"sweep.study_name={study.study_name}-2.")
+    if facts.regime is not None and regime is not None and facts.regime != regime:
+        keys = sorted({k for k in {*facts.regime, *regime} if k != "overrides" and facts.regime.get(k) != regime.get(k)}
+                      | {k for k in {*facts.regime.get("overrides", {}), *regime.get("overrides", {})}
+                         if facts.regime.get("overrides", {}).get(k) != regime.get("overrides", {}).get(k)})
+        said = "; ".join(f"{k}: {_regime_value(facts.regime, k)} there, {_regime_value(regime, k)} now" for k in keys)
+        raise ConfigError(f"The study {study.study_name!r} in {url} measured another regime ({said}); its trials "
+                          f"would be reported beside these. Rerun it as it was, or start a new study: "
+                          f"sweep.study_name={study.study_name}-2.")
 
 
-def open_study(settings, space: dict, expressions: dict | None = None, design: dict | None = None,
-               stale_callback=None, metric_names: list[str] | None = None) -> CappedStudy:
+def _regime_value(regime: dict, key: str):
+    return regime.get(key, regime.get("overrides", {}).get(key, "unset"))
+
+
+def open_study(settings, space: dict, expressions: dict | None = None, design: Design | None = None,
+               stale_callback=None, metric_names: list[str] | None = None, regime: dict | None = None) -> CappedStudy:
     """Create the study, or load it when it exists (resume), with the configured sampler and pruner.
 
     Everything is checked before the study is written to: the storage, and that an existing study
@@ -208,7 +220,7 @@ def open_study(settings, space: dict, expressions: dict | None = None, design: d
             if existing:
                 found = optuna.load_study(study_name=str(settings.study_name), storage=storage)
                 if expressions is not None:
-                    _same_space(found, expressions, design, url)
+                    same_study(found, expressions, design, regime, url)
                 had = [d.name.lower() for d in found.directions]
                 if had != directions:
                     raise ConfigError(f"The study {settings.study_name!r} has the directions {had}, not {directions}; "
@@ -218,7 +230,9 @@ def open_study(settings, space: dict, expressions: dict | None = None, design: d
             study = CappedStudy(study_name=str(settings.study_name), storage=storage, sampler=sampler, pruner=pruner,
                                 cap=int(settings.n_trials), lock_url=url)
             if not existing and expressions is not None:
-                record.write_study(study, space=expressions, **({"design": design} if design else {}))
+                record.write_study(study, space=expressions, **({"design": design} if design is not None else {}))
+            if regime is not None and record.read_study(study).regime is None:
+                record.write_study(study, regime=regime)
             if metric_names and study.metric_names != metric_names:
                 study.set_metric_names(metric_names)  # the dashboard shows val_accuracy, not "Objective 0"
         except (ConfigError, StorageError):
@@ -239,27 +253,25 @@ def load_study(name: str, url: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def config_key(params: dict) -> str:
-    """A configuration's identity: its searched values, the seed left out."""
-    return json.dumps({k: v for k, v in sorted(params.items()) if k != SEED_KEY}, default=str)
-
-
-def assign_seed(study: optuna.Study, trial: optuna.Trial, wanted: int, lock_url: str) -> tuple[int, int]:
-    """The seed this trial trains with, and how many earlier runs of its configuration there are.
+def assign_seed(study: optuna.Study, trial: optuna.Trial, wanted: int, lock_url: str, unique: bool = False) -> int:
+    """The seed this trial trains with.
 
     `wanted` (the base seed, or the searched `train.seed`) is kept unless that configuration
-    already used it; then the next unused seed is taken. Held under the study lock, so two
-    workers that drew the same configuration at once still get different seeds.
+    already used it (`unique`: any trial of the study used it); then the next unused seed is taken.
+    Held under the study lock, so two workers that drew the same configuration at once still get
+    different seeds. A designed study asks for `unique` seeds: every run is a replicate of its own
+    (its initialisation, data order and training subset), so runs are independent and no seed is a
+    block shared by some configurations and not others.
     """
     key = config_key(trial.params)
     with stores.lock(lock_url):
-        used = {facts.seed for facts in record.read_trials(study)
-                if facts.number != trial.number and facts.seed is not None and config_key(facts.params) == key}
+        used = {facts.seed for facts in record.read_trials(study) if facts.number != trial.number
+                and facts.seed is not None and (unique or config_key(facts.params) == key)}
         seed = wanted
         while seed in used:
             seed += 1
         record.write(trial, seed=seed)
-    return seed, len(used)
+    return seed
 
 
 def checkpoint_root(settings) -> Path:

@@ -43,15 +43,21 @@ DEFAULTS = {
         "constraints": [],          # e.g. ["model.num_params <= 1e6"]: trials beyond are infeasible (Optuna)
     },
     "answers": {
-        "precision": 0.015,         # a question is settled when its CI lies within +-precision (or excludes 0)
+        "margin": 0.015,            # a question is settled when its CI lies within +-margin (or excludes 0)
         "alpha": 0.05,              # the error rate of each question, over all its looks
         "looks": 4,                 # the most times a designed study looks at its answers before it stops
+        "confirm": True,            # re-run the effects found at the next rung of training images (2-4x)
     },
-    "design": {},                   # controlled comparisons instead of an optimiser (cnnexp.study.design)
+    "design": {},                   # controlled comparisons instead of an optimiser (cnnexp.design)
     "description": "",
     "overrides": [],
     "params": {},
 }
+RENAMED = {"answers.precision": "answers.margin"}  # old key -> new: refused with one line naming the new one
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
+            "cmaes": "CmaEsSampler", "gp": "GPSampler", "nsga2": "NSGAIISampler"}
+PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "successive_halving": "SuccessiveHalvingPruner",
+           "hyperband": "HyperbandPruner"}
 METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss")
 COST_METRICS = ("train_seconds", "model.flops_per_image", "model.num_params")
 CONSTRAINT = re.compile(r"\s*(model\.num_params|model\.flops_per_image|train_seconds)\s*<=\s*([0-9.eE+]+)\s*")
@@ -118,9 +124,57 @@ def validate_settings(settings, answers) -> None:
         checks.choice(extra.get("direction"), f"sweep.objectives.{i}.direction", ("maximize", "minimize"))
     for i, text in enumerate(settings.get("constraints") or []):
         constraint(text, f"sweep.constraints.{i}")
-    checks.number(answers.get("precision"), "answers.precision", low=0, low_open=True, high=1)
+    checks.number(answers.get("margin"), "answers.margin", low=0, low_open=True, high=1)
     checks.number(answers.get("alpha"), "answers.alpha", low=0, low_open=True, high=0.5)
     checks.number(answers.get("looks"), "answers.looks", integer=True, low=1, high=20)
+    checks.flag(answers.get("confirm"), "answers.confirm")
+    check_options(settings.sampler, "sweep.sampler", "samplers", SAMPLERS, {"search_space", "constraints_func"})
+    check_options(settings.pruner, "sweep.pruner", "pruners", PRUNERS, set())
+
+
+def check_options(node, key: str, module: str, names: dict[str, str], ours: set[str]) -> None:
+    """A sampler's or pruner's options against its class's own signature and annotations, and its own checks,
+    before any storage or folder exists (a bad option would otherwise fail every trial)."""
+    import inspect
+
+    import optuna
+    from omegaconf import OmegaConf
+
+    options = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
+    name = options.pop("name", "tpe" if module == "samplers" else "none")
+    checks.choice(name, f"{key}.name", names)
+    cls = getattr(getattr(optuna, module), names[name])
+    parameters = inspect.signature(cls).parameters
+    for option, value in options.items():
+        if option not in parameters or option in ours:
+            close = ", ".join(p for p in parameters if p not in ours)
+            raise ConfigError(f"{key}.{option}: {names[name]} takes no such option; it takes {close}.")
+        _check_type(value, parameters[option].annotation, f"{key}.{option}")
+    if name != "grid":  # the grid needs the search space: checked when the sampler is made
+        try:
+            cls(**options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+
+
+def _check_type(value, annotation, key: str) -> None:
+    """Plain annotations (int, float, bool, str, None and their unions) are checked; others are left to the class."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    allowed = {t.strip() for t in text.split("|")}
+    plain = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
+    if not allowed or not allowed <= set(plain):
+        return
+    ok = any(isinstance(value, plain[t]) and not (isinstance(value, bool) and t in ("int", "float")) for t in allowed)
+    if not ok:
+        raise ConfigError(f"{key}={value!r} must be {' or '.join(sorted(allowed))}.")
+
+
+def answers_settings(stored: dict | None):
+    """A study's `answers:` section as it stored it, with the defaults and the renamed keys' new names."""
+    from omegaconf import OmegaConf
+
+    given = {RENAMED.get(f"answers.{k}", f"answers.{k}").split(".", 1)[1]: v for k, v in (stored or {}).items()}
+    return OmegaConf.create({**DEFAULTS["answers"], **given})
 
 
 def objectives(settings) -> list[tuple[str, str]]:

@@ -21,12 +21,12 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSw
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cnnexp import PROJECT_ROOT, SWEEPS_DIR
-from cnnexp.config import anchor_paths, check_keys, check_overrides, compose_config
+from cnnexp.config import anchor_paths, check_keys, check_overrides, compose_config, effective_overrides
+from cnnexp.design import TASK, Design, load_design
 from cnnexp.errors import ConfigError
 from cnnexp.model.layers import layers_from_config
 from cnnexp.model.shapes import validate_architecture
-from cnnexp.study.design import TASK, Design, load_design
-from cnnexp.study.settings import DEFAULTS, validate_settings
+from cnnexp.study.settings import DEFAULTS, RENAMED, validate_settings
 from cnnexp.train.options import is_constant_schedule
 
 
@@ -42,7 +42,24 @@ class Sweep:
     add_keys: set[str] = field(default_factory=set)  # keys that need '+' (not in the config)
     path: Path | None = None
     design: Design | None = None         # a designed study: its cells are queued, not sampled
-    answers: DictConfig | None = None    # what settles an answer (answers.precision, alpha, looks)
+    answers: DictConfig | None = None    # what settles an answer (answers.margin, alpha, looks, confirm)
+
+    def regime(self) -> dict:
+        """What a trial measures, stored with the study: a rerun that differs would mix regimes in one report.
+
+        The metric and direction, the main task's epochs, and every fixed override but those that only say
+        where things are or how much is printed (paths, caches, tracking, verbosity).
+        """
+        where = ("dataset.path", "dataset.cache_dir", "dataset.download", "tracking", "train.verbose", "output_dir")
+        kept = {_key(o): o.partition("=")[2] for o in effective_overrides(self.overrides)
+                if not _key(o).startswith(where)}
+        return {"metric": str(self.settings.metric), "direction": str(self.settings.direction),
+                "epochs": int(self.base.train.epochs), "overrides": kept,
+                "objectives": [str(o.metric) for o in self.settings.get("objectives") or []]}
+
+    def data_key(self, key: str):
+        """A `dataset.*` value the study's trials share (the sweep's overrides, the command line), or None."""
+        return OmegaConf.select(self.base, key, default=None)
 
 
 def sweep_path(name: str) -> Path:
@@ -63,9 +80,20 @@ def _read(path: Path) -> DictConfig:
         OmegaConf.set_struct(node, False)
     try:
         loaded = OmegaConf.load(path)
+        _renamed(loaded, path)
         return OmegaConf.merge(base, loaded)
+    except ConfigError:
+        raise
     except Exception as err:  # noqa: BLE001 - OmegaConf's errors name the key (or the YAML line)
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from err
+
+
+def _renamed(node, where) -> None:
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if OmegaConf.is_dict(node) and OmegaConf.is_dict(node.get(section)) and key in node[section]:
+            raise ConfigError(f"{where}: {old} is now {new} (the same number: the half-width a CI must fit within); "
+                              f"rename it.")
 
 
 def _apply_cli(merged: DictConfig, cli_overrides: Sequence[str], parser) -> tuple[dict[str, str], list[str]]:
@@ -73,6 +101,9 @@ def _apply_cli(merged: DictConfig, cli_overrides: Sequence[str], parser) -> tupl
     expressions, fixed = {}, []
     for text in cli_overrides:
         key, _, value = text.partition("=")
+        if key in RENAMED:
+            raise ConfigError(f"{key} is now {RENAMED[key]} (the same number: the half-width a CI must fit within); "
+                              f"write {RENAMED[key]}={value}.")
         if key.startswith(("sweep.", "answers.", "design.")):
             try:
                 OmegaConf.update(merged, key, yaml.safe_load(value) if value else None, merge=False)
@@ -111,7 +142,8 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> Sweep:
     settings = merged.sweep
     settings.study_name = settings.study_name or path.stem
     validate_settings(settings, merged.answers)
-    design = load_design(merged.design)
+    design = load_design(OmegaConf.to_container(merged.design, resolve=True),
+                         anchor=lambda overrides: anchor_paths(overrides, PROJECT_ROOT))
     if design is not None and expressions:
         raise ConfigError(f"{path}: a designed study takes its values from design.vary, not from params "
                           f"({', '.join(expressions)}); remove one of them.")
@@ -264,17 +296,21 @@ def suggest(trial: optuna.Trial, space: dict) -> dict:
     return values
 
 
-def trial_overrides(sweep: Sweep, values: dict) -> list[str]:
-    """Every override of one trial: the fixed ones, then the trial's values (a design's `task`: its arm's).
+def trial_overrides(sweep: Sweep, values: dict, data: Sequence[str] = ()) -> list[str]:
+    """Every override of one trial: the fixed ones, its data, then the trial's values (a design's `task`: its arm's).
+
+    Args:
+        data: the main task's data for this trial, from the study's plan and the trial's record (its
+            rung `dataset.train_limit`, its `dataset.subset_seed`).
 
     The rule for data: an arm of a design that names its own dataset (`dataset=mnist`) gets none
     of the main task's `dataset.*` overrides, wherever they came from (the sweep file, the command
-    line, the budget's plan); an arm that doesn't name one trains on the main task's data.
+    line, the plan); an arm that doesn't name one trains on the main task's data.
     """
     arm = values.get(TASK)
     arm_overrides = list(sweep.design.arms[arm]) if sweep.design is not None and arm in sweep.design.arms else []
-    fixed = sweep.overrides
-    if any(_key(o) == "dataset" for o in arm_overrides):
+    fixed = [*sweep.overrides, *data]
+    if sweep.design is not None and sweep.design.own_data(arm):
         fixed = [o for o in fixed if _key(o) != "dataset" and not _key(o).startswith("dataset.")]
     searched = [f"{'+' if key in sweep.add_keys else ''}{key}={value}" for key, value in values.items() if key != TASK]
     return [*fixed, *searched, *arm_overrides]

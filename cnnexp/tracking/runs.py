@@ -27,6 +27,9 @@ from cnnexp.tracking.store import TrackingUnavailable, absolute_uri, configure  
 log = logging.getLogger(__name__)
 
 TAG_PREFIX = "cnnexp."
+# How long ending a run keeps asking a store that does not answer (locked by another program, a server restarting).
+END_RETRY_SECONDS = 180
+
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
     """Flatten a config into MLflow params: {'train.lr': '0.01', 'model.layers': '[...]'}."""
     node = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -227,11 +230,26 @@ class Run:
                 self.client().log_batch(self.run_id, tags=items)
         except Exception:  # noqa: BLE001 - the status below matters more than these tags
             pass
-        try:
-            self.client().set_terminated(self.run_id, status)
-        except Exception as err:  # noqa: BLE001
-            warnings.warn(f"MLflow: run {self.run_id} could not be ended ({str(err).splitlines()[0][:300]}); "
-                          "it may show RUNNING in the UI.", stacklevel=2)
+        # A store locked by another program (or a server that restarts) answers later: keep asking, within a limit.
+        deadline, wait = time.monotonic() + END_RETRY_SECONDS, 1.0
+        while True:
+            try:
+                self.client().set_terminated(self.run_id, status)
+                return
+            except Exception as err:  # noqa: BLE001
+                if not _transient(err) or time.monotonic() + wait > deadline:
+                    warnings.warn(f"MLflow: run {self.run_id} could not be ended {status} within {END_RETRY_SECONDS}s "
+                                  f"({str(err).splitlines()[0][:300]}); it shows RUNNING until `python -m cnnexp.report` "
+                                  "or a rerun ends it.", stacklevel=2)
+                    return
+                time.sleep(wait)
+                wait = min(wait * 2, 15.0)
+
+
+def _transient(err: Exception) -> bool:
+    """An error a store gets over by itself (a lock held by another program, a server restarting), not a broken one."""
+    text = f"{type(err).__name__}: {err}".lower()
+    return any(word in text for word in ("locked", "timed out", "timeout", "connection", " 502", " 503", "temporar"))
 
 
 def _experiment(tracking_cfg, what: str) -> str | None:
@@ -318,7 +336,7 @@ def epoch_logger(run: Run, already_logged: set[int], names: dict[str, str]):
 
 
 def study_run(tracking_cfg, study_name: str, params: dict, known_id: str | None = None,
-              study_uuid: str = "") -> Run:
+              study_uuid: str = "", reopen: bool = True) -> Run:
     """The study's MLflow parent run: found again on resume (by id, else by the study's uuid), never duplicated.
 
     A new study of the same name (its storage was deleted) gets a parent of its own: runs are
@@ -351,7 +369,8 @@ def study_run(tracking_cfg, study_name: str, params: dict, known_id: str | None 
         return Run(None)
     if found:
         run = Run(found)
-        run.reopen()
+        if reopen:  # a worker that joins a finished study has nothing to run: its parent stays ended
+            run.reopen()
         return run
     run = open_run(tracking_cfg, f"study {study_name}", {"cnnexp.study": study_name, "cnnexp.role": "study",
                                                           "cnnexp.study_uuid": study_uuid,

@@ -64,7 +64,7 @@ def configure(tracking_cfg) -> str | None:
         return CONTACTS.experiments[key]
     if uri in CONTACTS.broken:
         raise TrackingUnavailable(CONTACTS.broken[uri])
-    store = _check_local_store(uri)
+    store = check(uri)
     timeout = float(tracking_cfg.get("timeout", 30))
     result: dict = {}
 
@@ -91,7 +91,7 @@ def configure(tracking_cfg) -> str | None:
     raise TrackingUnavailable(reason)
 
 
-def _check_local_store(uri: str) -> stores.Store:
+def check(uri: str) -> stores.Store:
     """Fail at once, not after minutes of MLflow's retries, on a store we don't know or a SQLite file we can't
     write or that is not MLflow's (an Optuna studies.db would get MLflow's tables added)."""
     try:

@@ -38,6 +38,7 @@ class TrainResult:
     resumed_from_epoch: int = 0          # epochs restored from a checkpoint (0: trained from scratch)
     warnings: list[str] = field(default_factory=list)  # diverged or at chance: flagged, not failed
     checkpoint_error: str | None = None  # why checkpoints stopped (the trial went on without resume)
+    correct: dict[int, np.ndarray] = field(default_factory=dict)  # epoch -> which validation images it got right
 
 
 def _compile(model, train_cfg, total_steps: int) -> None:
@@ -67,9 +68,32 @@ def evaluate(model, x, y, train_cfg) -> tuple[float, float]:
     if not train_cfg.augment.tta_flip:
         loss, accuracy = model.evaluate(x, y, batch_size=batch, verbose=0)
         return float(loss), float(accuracy)
-    probs = (model.predict(x, batch_size=batch, verbose=0) + model.predict(x[:, :, ::-1], batch_size=batch, verbose=0)) / 2
-    picked = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
-    return float(-np.log(picked).mean()), float((probs.argmax(axis=1) == y).mean())
+    loss, correct = scored(model, x, y, batch, tta_flip=True)
+    return loss, float(correct.mean())
+
+
+def scored(model, x, y, batch: int, tta_flip: bool = False) -> tuple[float, np.ndarray]:
+    """(mean cross-entropy, which images are right) of one prediction pass (and its mirror's, with `tta_flip`)."""
+    probs = model.predict(x, batch_size=batch, verbose=0)
+    if tta_flip:
+        probs = (probs + model.predict(x[:, :, ::-1], batch_size=batch, verbose=0)) / 2
+    picked = np.clip(probs[np.arange(len(y)), y].astype(np.float64), 1e-7, 1.0)
+    return float(-np.log(picked).mean()), probs.argmax(axis=1) == y
+
+
+def correctness_at(epochs: set[int], x, y, batch: int):
+    """A callback keeping which validation images the model gets right after each epoch in `epochs` (from 1)."""
+
+    class Correctness(keras().callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.correct: dict[int, np.ndarray] = {}
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 in epochs:
+                self.correct[epoch + 1] = scored(self.model, x, y, batch)[1]
+
+    return Correctness()
 
 
 def _flags(history: dict, test_accuracy: float, data) -> list[str]:
@@ -83,12 +107,17 @@ def _flags(history: dict, test_accuracy: float, data) -> list[str]:
     return flags
 
 
-def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None) -> TrainResult:
+def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None, curve: bool = True,
+                keep_correct: set[int] = frozenset()) -> TrainResult:
     """Compile and fit `model` on `data`, then evaluate it on the test split.
 
     Args:
         checkpoint_dir: save weights, optimizer state and epoch here at every epoch end, and resume
             from what is there (a sweep trial whose worker died).
+        curve: validate after every epoch (a learning curve, pruning, early stopping); False validates
+            once, after the last epoch, where nothing reads a curve (a fifth of an epoch saved per epoch).
+        keep_correct: epochs after which to keep which validation images are right (the last epoch's
+            are always kept when validating once at the end).
 
     Raises:
         NonFiniteLossError: the loss became NaN, infinite or blew up; training stopped at that epoch.
@@ -97,11 +126,16 @@ def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None) -> Tr
     per_epoch_steps = count_steps(images, train_cfg)
     _compile(model, train_cfg, per_epoch_steps * int(train_cfg.epochs))
     listed, guard, timer, backup = _callbacks(train_cfg, callbacks, checkpoint_dir)
+    has_val = len(data.y_val) > 0
+    batch = max(int(train_cfg.batch_size), 256)
+    keeper = correctness_at(set(keep_correct), data.x_val, data.y_val, batch) if keep_correct and has_val else None
+    if keeper is not None:
+        listed.insert(1, keeper)  # after the timer, before the checkpoint and the caller's callbacks
     if backup is not None and not model.built:
         model.build((None, *data.input_shape))
     start = time.perf_counter()
-    fitted = model.fit(**inputs, epochs=int(train_cfg.epochs), validation_data=validation, callbacks=listed,
-                       verbose=int(train_cfg.verbose))
+    fitted = model.fit(**inputs, epochs=int(train_cfg.epochs), validation_data=validation if curve else None,
+                       callbacks=listed, verbose=int(train_cfg.verbose))
     seconds = time.perf_counter() - start
     if guard.reason:
         _, lr, _ = optimizer_settings(train_cfg)
@@ -111,11 +145,17 @@ def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None) -> Tr
     # its last epoch trains none, and `fit` returns an empty history).
     history = ({key: list(values) for key, values in backup.logs.items()} if backup else
                {key: [float(v) for v in values] for key, values in fitted.history.items()})
-    test_loss, test_accuracy = evaluate(model, data.x_test, data.y_test, train_cfg)
     epochs_run = len(history.get("loss", []))
+    correct = dict(keeper.correct) if keeper is not None else {}
+    if not curve and has_val and epochs_run:  # the one validation, after the last epoch
+        val_loss, correct[epochs_run] = scored(model, data.x_val, data.y_val, batch)
+        history["val_loss"] = [float("nan")] * (epochs_run - 1) + [val_loss]
+        history["val_accuracy"] = [float("nan")] * (epochs_run - 1) + [float(correct[epochs_run].mean())]
+    test_loss, test_accuracy = evaluate(model, data.x_test, data.y_test, train_cfg)
     return TrainResult(
         history=history, test_loss=test_loss, test_accuracy=test_accuracy, epochs_run=epochs_run,
         train_seconds=seconds, images_per_second=timer.images_per_second(images), train_images=images,
         updates=per_epoch_steps * epochs_run, resumed_from_epoch=backup.resumed_from if backup else 0,
         warnings=_flags(history, test_accuracy, data), checkpoint_error=backup.failed if backup else None,
+        correct=correct,
     )
