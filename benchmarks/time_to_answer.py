@@ -42,7 +42,7 @@ def _file(folder: Path, name: str, side: dict, tpe: bool = False, timeout: float
     doc = {"overrides": [f"dataset.train_limit={side['train']}", "dataset.eval_limit=2000", "dataset.test_limit=1000",
                          f"train.epochs={side['epochs']}", f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
                          f"tracking.artifact_root={folder / 'mlartifacts'}", "tracking.log_model=false"],
-           "answers": {"precision": 0.015, "looks": side["looks"]},
+           "answers": {"margin": 0.015, "looks": side["looks"]},
            "sweep": {"storage": f"sqlite:///{folder / 'studies.db'}", "output_dir": str(folder / "out"),
                      "study_name": name, "estimate": False, "system_metrics": False, "log_models": "none",
                      **({"budget": side["budget"]} if side["budget"] and not tpe else {})}}

@@ -19,7 +19,7 @@ import optuna
 
 from cnnexp.design import Design
 from cnnexp.plan import Plan
-from cnnexp.stats.settle import Look
+from cnnexp.stats.settle import SETTLED, Look
 
 # Optuna's own keys of a retried trial (RetryHeartbeatStaleTrialCallback) and of an enqueued one.
 _RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
@@ -222,7 +222,7 @@ class StudyRecord:
         for entry in self.rounds:
             if entry.look is not None:
                 for question, verdict in entry.look.verdicts().items():
-                    if verdict in ("effect", "equivalent", "measured") and question not in out:
+                    if verdict in SETTLED and question not in out:
                         out[question] = entry.round
         return out
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnnexp import console, runtime, stop
 from cnnexp.config import SHORTCUTS, compose_config, overrides_to_command, validate_config
 from cnnexp.console import setup_logging
-from cnnexp.data.load import Dataset, describe, load_dataset
+from cnnexp.data.load import Dataset, load_dataset, summary_line
 from cnnexp.errors import CnnexpError, ConfigError
 from cnnexp.model.build import build_model
 from cnnexp.model.layers import LayerSpec, layers_config, layers_from_config, layers_text
@@ -191,7 +191,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
         net = build_model(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding, name=str(cfg.model.name))
         if not logged:  # a resumed trial's run has all of this already
             _log_what_trains(mlrun, cfg, layers, network_cost, overrides, dataset, net)
-        log.info("%s | %d parameters, %.1f MFLOPs per image | %s", describe(dataset), network_cost.params,
+        log.info("%s | %d parameters, %.1f MFLOPs per image | %s", summary_line(dataset), network_cost.params,
                  network_cost.flops / 1e6, runtime.device_description())
         result = train_model(net, dataset, cfg.train, checkpoint_dir=checkpoint_dir, curve=curve,
                              keep_correct=keep_correct,

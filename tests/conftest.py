@@ -35,6 +35,41 @@ def isolated_environment(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def fresh_process_caches():
+    """Each test starts with the per-process caches empty: what one test learnt of a store never leaks to the next."""
+    from cnnexp import stores
+    from cnnexp.data import cache
+    from cnnexp.tracking import runs, store
+
+    for memo in (store.CONTACTS, runs.WARNED, cache.FOLDERS, stores.ENGINES):
+        memo.clear()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def reports_say_what_their_numbers_say(tmp_path):
+    """After every test: each report it wrote has verdicts its own numbers support (an `effect` row's CI excludes 0,
+    an `equivalent` row's lies within +-margin)."""
+    yield
+    import pandas as pd
+
+    from cnnexp.reporting.write import inconsistent
+
+    for path in tmp_path.rglob("effects.csv"):
+        bad = inconsistent(pd.read_csv(path), margin=_margin_of(path))
+        assert not bad, f"{path}: {bad}"
+
+
+def _margin_of(effects_csv: Path) -> float:
+    """The margin a report was written with, as its summary states it (default 0.015)."""
+    import re
+
+    summary = effects_csv.with_name("summary.md")
+    found = re.search(r"within \+-([0-9.]+) points \(answers.margin\)", summary.read_text()) if summary.exists() else None
+    return float(found[1]) / 100 if found else 0.015
+
+
 @pytest.fixture(scope="session")
 def cifar_jpeg() -> Path:
     if not CIFAR_JPEG.exists():

@@ -4,9 +4,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from cnnexp import record
+from cnnexp.design import load_design
 from cnnexp.errors import ConfigError
-from cnnexp.study import budget, engine
-from cnnexp.study.design import load_design
+from cnnexp.plan import Timing
+from cnnexp.study import budget, engine, rounds
 from cnnexp.study.optuna_study import open_study
 from cnnexp.study.settings import parse_budget
 from cnnexp.study.space import load_sweep
@@ -27,7 +29,12 @@ def test_the_default_study_asks_all_five_questions():
     assert s.design.arms["epochs_x4"][-2:] == ["train.epochs=12", "train.seed=1000"]
     assert "train.epochs" not in s.space
     assert s.settings.pruner.name == "none" and parse_budget(s.settings.budget) == 2880
-    assert s.answers.precision == 0.015
+    assert s.answers.margin == 0.015
+    # The questions are the sweep file's: numbered and named there, the batch size also compared at equal updates.
+    titles = {key: q.title for key, q in s.design.questions.items()}
+    assert titles == {"kernel": "2.i Kernel size", "width": "2.ii Filters", "train.batch_size": "3.i Batch size",
+                      "train.epochs": "3.ii Epochs", "mnist": "4 MNIST CNN"}
+    assert s.design.questions["train.batch_size"].compare_at == ("updates", "seconds")
 
 
 def test_data_given_for_the_study_reaches_the_main_task_and_never_an_arm_with_its_own_dataset(tmp_path):
@@ -40,13 +47,15 @@ def test_data_given_for_the_study_reaches_the_main_task_and_never_an_arm_with_it
         "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}, "main": "cifar10",
                    "arms": {"mnist": ["dataset=mnist", "model=mnist_cnn"], "wide": ["+width=2"]}}}))
     s = load_sweep(str(sweep_file), ["dataset=folder", f"dataset.path={CIFAR_JPEG}", "dataset.train_limit=900"])
-    main = compose_config(trial_overrides(s, {"task": "cifar10", "kernel": 5}))
-    mnist = compose_config(trial_overrides(s, {"task": "mnist"}))
-    wide = compose_config(trial_overrides(s, {"task": "wide"}))
-    assert (main.dataset.name, main.dataset.train_limit, main.dataset.test_limit) == ("folder", 900, 300)
+    plan = ["dataset.train_limit=800"]  # the plan's rung reaches each trial as a value, after the study's own data
+    main = compose_config(trial_overrides(s, {"task": "cifar10", "kernel": 5}, plan))
+    mnist = compose_config(trial_overrides(s, {"task": "mnist"}, plan))
+    wide = compose_config(trial_overrides(s, {"task": "wide"}, plan))
+    assert (main.dataset.name, main.dataset.train_limit, main.dataset.test_limit) == ("folder", 800, 300)
     assert (mnist.dataset.name, mnist.dataset.train_limit, mnist.dataset.test_limit, mnist.model.name) == \
         ("mnist", None, None, "mnist_cnn")
-    assert (wide.dataset.name, wide.dataset.train_limit, wide.width) == ("folder", 900, 2)  # no dataset of its own
+    assert (wide.dataset.name, wide.dataset.train_limit, wide.width) == ("folder", 800, 2)  # no dataset of its own
+    assert "dataset.train_limit=800" not in s.overrides  # never appended to the sweep's own overrides
 
 
 @pytest.mark.parametrize(("design", "message"), [
@@ -56,10 +65,8 @@ def test_data_given_for_the_study_reaches_the_main_task_and_never_an_arm_with_it
     ({"baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}, "sedes": 2}, r"unknown key\(s\) \['sedes'\]"),
 ])
 def test_a_bad_design_is_one_clear_error(design, message):
-    from omegaconf import OmegaConf
-
     with pytest.raises(ConfigError, match=message):
-        load_design(OmegaConf.create(design))
+        load_design(design)
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("45m", 2700), ("2h", 7200), ("900s", 900), ("90", 90), (None, None)])
@@ -69,14 +76,14 @@ def test_budgets_are_durations(text, seconds):
         parse_budget("soon")
 
 
-def test_the_plan_fits_the_budget_is_printed_first_and_kept_on_resume(tmp_path, monkeypatch, capsys, cifar_jpeg):
+def test_the_plan_picks_a_rung_of_the_ladder_prints_its_pin_first_and_keeps_it_on_resume(tmp_path, monkeypatch, capsys,
+                                                                                      cifar_jpeg):
     # A configuration costs 1 s per trial plus 1 ms per image and epoch here, whatever it is:
     # the plan's arithmetic is what is tested.
     calls = []
-    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None: calls.append(1) or budget.Timing(
+    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None: calls.append(1) or Timing(
         fixed=1.0, per_image=1e-3, per_epoch=0.0))
-    doc = {"overrides": ["dataset=folder", f"dataset.path={cifar_jpeg}", "dataset.train_limit=20000",
-                         "train.epochs=2", "tracking=off"],
+    doc = {"overrides": ["dataset=folder", f"dataset.path={cifar_jpeg}", "train.epochs=2", "tracking=off"],
            "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}, "main": "cifar10"},
            "answers": {"looks": 1},
            "sweep": {"budget": "2m", "storage": f"sqlite:///{tmp_path / 's.db'}", "output_dir": str(tmp_path / "out")}}
@@ -84,25 +91,29 @@ def test_the_plan_fits_the_budget_is_printed_first_and_kept_on_resume(tmp_path, 
     path.write_text(yaml.safe_dump(doc))
     s = load_sweep(str(path))
     study = open_study(s.settings, s.space)
-    engine.apply_plan(s, study)
-    plan = budget.Plan(**study.user_attrs["plan"])
-    # 2 + 2 trials (the baseline: sqrt(1) x 2) x (1 s + 2 epochs x n x 1 ms) <= 120 s  ->  n <= 14,500
-    assert 0.9 * 14500 <= plan.train_limit <= 14500 and plan.first_round_s <= 120 and len(calls) == 2
-    assert plan.train_limit < plan.full_train == 20000
-    assert s.overrides[-1] == f"dataset.train_limit={plan.train_limit}"
+    budget.apply_plan(s, study)
+    plan = record.read_study(study).plan
+    # 2 + 2 trials (the baseline: sqrt(1) x 2) x (1 s + 2 epochs x n x 1 ms) <= 120 s  ->  n <= 14,500: the rung 8,000
+    assert plan.train_limit == 8000 and plan.first_round_s <= 120 and len(calls) == 2 and not plan.pinned
+    assert plan.full_train == 50000 and plan.next_rung() == 16000
     printed = capsys.readouterr().out
-    assert "Plan for sweep.budget=2 min" in printed and f"{plan.train_limit:,} of the 20,000 training images" in printed
+    assert "Plan for sweep.budget=2 min" in printed and "8,000 of the 50,000 training images" in printed
+    assert "This regime anywhere: dataset.train_limit=8000." in printed
 
-    resumed = load_sweep(str(path), ["sweep.budget=1h"])  # a resumed study keeps its data size
+    resumed = load_sweep(str(path), ["sweep.budget=1h"])  # a resumed study keeps its data size, and says no plan again
     calls.clear()
-    engine.apply_plan(resumed, study)
-    assert not calls and resumed.overrides[-1] == f"dataset.train_limit={plan.train_limit}"
-    assert engine.enqueue_design(study, s) == 4 and engine.enqueue_design(study, s) == 0  # idempotent
+    assert budget.apply_plan(resumed, study).train_limit == 8000 and not calls
+    assert "Plan for" not in capsys.readouterr().out
+    assert rounds.enqueue_design(study, s) == 4 and rounds.enqueue_design(study, s) == 0  # idempotent
+
+    pinned = load_sweep(str(path), ["dataset.train_limit=2000", "sweep.study_name=pinned"])
+    made = budget.apply_plan(pinned, open_study(pinned.settings, pinned.space))
+    assert made.pinned and made.train_limit == 2000 and made.pin == "dataset.train_limit=2000"
 
 
 @pytest.mark.parametrize("budget_text", ["1s", "20s"])
 def test_a_budget_too_small_for_the_study_says_the_smallest_that_fits(tmp_path, monkeypatch, budget_text, cifar_jpeg):
-    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None: budget.Timing(5.0, 1e-3, 0.0))
+    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None: Timing(5.0, 1e-3, 0.0))
     doc = {"overrides": ["dataset=folder", f"dataset.path={cifar_jpeg}", "tracking=off"],
            "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}},
            "sweep": {"budget": budget_text, "storage": f"sqlite:///{tmp_path / 's.db'}"}}
@@ -110,7 +121,7 @@ def test_a_budget_too_small_for_the_study_says_the_smallest_that_fits(tmp_path, 
     path.write_text(yaml.safe_dump(doc))
     s = load_sweep(str(path))
     with pytest.raises(ConfigError, match=r"sweep.budget=.* can't fit this study: .* give sweep.budget=\d+m or more"):
-        engine.apply_plan(s, open_study(s.settings, s.space))
+        budget.apply_plan(s, open_study(s.settings, s.space))
 
 
 def test_a_designed_study_looks_after_each_round_and_adds_seeds_where_an_answer_is_open(tmp_path, cifar_jpeg):
@@ -123,7 +134,7 @@ def test_a_designed_study_looks_after_each_round_and_adds_seeds_where_an_answer_
                          *tracking_overrides(tmp_path)],
            "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}, "main": "cifar10",
                       "epochs": [2]},
-           "answers": {"precision": 0.001, "looks": 2},  # a precision no tiny study settles: a second round must come
+           "answers": {"margin": 0.001, "looks": 2, "confirm": False},  # no tiny study settles that: a 2nd round
            "sweep": {"budget": "100s", "storage": f"sqlite:///{tmp_path / 's.db'}", "output_dir": str(tmp_path / "out"),
                      "estimate": False, "system_metrics": False, "log_models": "none"}}
     path = tmp_path / "rounds.yaml"
@@ -131,9 +142,9 @@ def test_a_designed_study_looks_after_each_round_and_adds_seeds_where_an_answer_
     s = load_sweep(str(path))
     study = engine.optimize(s, show_progress=False)
     facts, records = record.read_study(study), record.read_trials(study)
-    assert [entry["round"] for entry in facts.rounds] == [1, 2] and facts.rounds[-1]["final"]
-    assert facts.rounds[0]["alpha"] < facts.rounds[1]["alpha"] and sum(e["alpha"] for e in facts.rounds) == \
-        pytest.approx(0.05)
+    assert [entry.round for entry in facts.rounds] == [1, 2] and facts.rounds[-1].final
+    assert facts.rounds[0].alpha < facts.rounds[1].alpha and sum(e.alpha for e in facts.rounds) == pytest.approx(0.05)
+    assert facts.rounds[-1].look.factors["kernel"].alpha == pytest.approx(facts.rounds[-1].alpha)  # the answers, kept
     second = [r for r in records if r.round == 2]
     assert second and all(r.complete for r in records)
     assert {r.params["task"] for r in second} <= {"cifar10", "epochs_x2"}

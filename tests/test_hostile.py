@@ -361,7 +361,7 @@ def test_no_module_in_the_working_folder_runs_from_any_entry_point_and_hydra_key
         (["cnnexp.sweep", "--sweep", "key.yaml"], "key.yaml: the key 'hydra.searchpath' " + refused),
         (["cnnexp.sweep", "--sweep", "arm.yaml"], "design.arms.x: 'hydra.searchpath"),
         (["cnnexp.sweep", "--sweep", "file.yaml", "+hydra.searchpath=[pkg://hostile_probe]"], "hydra.searchpath"),
-        (["cnnexp.report", "tiny", "--storage", storage], "No study 'tiny'"),
+        (["cnnexp.report", "tiny", "--storage", storage], "no study storage at"),
         (["cnnexp.ui", "mlflow-url", "--sweep", "file.yaml", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], None),
     ]
     for args, wanted in cases:

@@ -28,7 +28,7 @@ def test_cli_trains_above_chance_and_logs_a_complete_mlflow_run(tmp_path, cifar_
     assert r.info.status == "FINISHED"
     # Learned: well above the 10% that raw 0-255 pixels gave the notebook.
     assert r.data.metrics["final/test_accuracy"] == pytest.approx(printed_accuracy, abs=1e-4)
-    assert r.data.metrics["final/test_accuracy"] > 0.2  # chance is 0.10
+    assert r.data.metrics["final/test_accuracy"] > 0.15  # chance is 0.10: 5 binomial SDs above it on 1,000 images
     assert r.data.params["train.batch_size"] == "100" and r.data.params["dataset.name"] == "folder"
     assert r.data.params["model.layers_resolved"] == "c32k3 c32k3 m2 c64k3 m2 c64k3 f d1024 d10"
     assert {"final/test_loss", "final/train_seconds", "final/images_per_second"} <= set(r.data.metrics)

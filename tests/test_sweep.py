@@ -11,7 +11,7 @@ from cnnexp.config import compose_config
 from cnnexp.errors import ConfigError, StorageError
 from cnnexp.model.layers import layers_from_config
 from cnnexp.model.shapes import validate_architecture
-from cnnexp.study import engine, objective, space
+from cnnexp.study import engine, objective, parent, rounds, space
 from cnnexp.study import optuna_study as study
 from cnnexp.study.space import load_sweep
 from tests.conftest import CIFAR_JPEG
@@ -68,10 +68,11 @@ def test_sweep_records_trials_in_optuna_mlflow_and_the_report(tmp_path):
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 4 and {"kernel", "train.batch_size", "seed", "test_accuracy", "flops"} <= set(trials.columns)
     effects = pd.read_csv(out / "effects.csv")
-    assert list(effects.columns[:6]) == ["question", "parameter", "verdict", "estimate", "ci_low", "ci_high"]
+    assert list(effects.columns[:9]) == ["question", "parameter", "verdict", "decided_by", "higher", "lower",
+                                         "estimate", "ci_low", "ci_high"]
     assert {"kernel", "train.batch_size"} <= set(effects["parameter"])
     summary = (out / "summary.md").read_text()
-    assert summary.index("## Answers") < summary.index("## Questions") and "2.i Kernel size" in summary
+    assert summary.index("## Answers") < summary.index("## Questions") and "**kernel** (`kernel`" in summary  # a search names its keys
     for plot in ("history.png", "answers.png", "learning_curves.png", "score_vs_kernel.png",
                  "score_vs_train.batch_size.png"):
         assert (out / "plots" / plot).stat().st_size > 5000, plot
@@ -92,7 +93,7 @@ def test_a_redrawn_configuration_gets_the_next_seed_and_counts_as_a_replicate(tm
     assert len(set(values)) > 1  # genuinely different trainings, not identical reruns
     finish(s, result)
     summary = (tmp_path / "out" / "tiny" / "summary.md").read_text()
-    assert "Noise: SD" in summary and "between seeds (2 df" in summary
+    assert "Noise: SD" in summary and "between runs of one configuration (2 df" in summary
 
 
 @needs_cifar
@@ -152,7 +153,7 @@ def test_failing_trials_fail_alone_with_their_reason_and_a_bad_value_is_refused_
                        settings={"n_trials": 2, "sampler": {"name": "grid", "seed": 0}})
     s = load_sweep(str(path))
     result = engine.optimize(s, show_progress=False)
-    assert engine.end_parent(result)  # a trial completed
+    assert parent.end(result, parent.tracking_uri(s))  # a trial completed
     by_lr = {t.params["train.lr"]: t for t in result.trials}
     assert by_lr[0.001].state.name == "COMPLETE" and by_lr[1e30].state.name == "FAIL"
     assert "NonFiniteLossError: Training stopped: loss " in by_lr[1e30].user_attrs["error"]
@@ -257,7 +258,7 @@ def test_every_sampler_and_pruner_is_built_from_yaml(name):
     for pruner in study.PRUNERS:
         settings = load_sweep("batch_epochs", [f"sweep.pruner={{name: {pruner}}}"]).settings
         assert type(study.make_pruner(settings)).__name__ == study.PRUNERS[pruner]
-    with pytest.raises(ConfigError, match="sweep.sampler.name='annealing' is unknown"):
+    with pytest.raises(ConfigError, match="sweep.sampler.name='annealing' must be one of"):
         study.make_sampler(load_sweep("batch_epochs", ["sweep.sampler.name=annealing"]).settings, s.space)
     with pytest.raises(ConfigError, match="sweep.pruner"):
         study.make_pruner(load_sweep("batch_epochs", ["sweep.pruner={name: median, bogus: 1}"]).settings)
@@ -337,7 +338,7 @@ def test_repeats_are_genuine_replicates_outside_the_trial_count(tmp_path):
     assert {t.user_attrs["repeat_of"] for t in repeats} == {best.number}
     assert sorted(t.user_attrs["seed"] for t in [best, *repeats]) == [0, 1, 2]  # three different seeds
     assert all(t.params == best.params and t.state.name == "COMPLETE" for t in repeats)
-    assert engine.enqueue_repeats(result, s.settings) == 0  # a rerun queues nothing more
+    assert rounds.enqueue_repeats(result, s.settings) == 0  # a rerun queues nothing more
     _, _, children = mlflow_runs(tmp_path)
     assert {c.info.run_name for c in children if "cnnexp.repeat_of" in c.data.tags} == {
         f"t{best.number} repeat seed 1", f"t{best.number} repeat seed 2"}
@@ -387,7 +388,7 @@ def test_a_multi_objective_study_draws_its_front_and_registers_the_most_accurate
     s = load_sweep(str(path))
     result = engine.optimize(s, show_progress=False)
     assert all(len(t.values) == 2 for t in result.trials)
-    champion = engine.register_champion(s, result)
+    champion = parent.register_champion(s, result)
     by_number = {t.number: t for t in result.trials}
     assert champion is not None and by_number[champion].user_attrs["flops"] <= 20_000_000
     feasible = [t for t in result.trials if t.user_attrs["flops"] <= 20_000_000]

@@ -103,6 +103,6 @@ def test_the_fast_recipe_trains_every_option_on_small_data(tmp_path, pipeline_na
                           "train.epochs=2", "train.batch_size=100", "train.lr=0.1", "tracking=off", "train.verbose=0",
                           f"train.pipeline={pipeline_name}", "+width=0.5"])
     result = run(cfg)
-    assert result.metrics["test_accuracy"] > 0.2  # chance is 0.10
+    assert result.metrics["test_accuracy"] > 0.17  # chance is 0.10: 4 binomial SDs above it on 300 images
     assert result.updates == 2 * 15  # 1,470 training images at batch 100: 15 steps an epoch
     assert len(result.history["epoch_seconds"]) == 2

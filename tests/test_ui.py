@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 
 from cnnexp import PROJECT_ROOT
-from cnnexp.study import engine
+from cnnexp.study import engine, parent
 from cnnexp.study.space import load_sweep
 from cnnexp.tracking import views
 from tests.conftest import run_cli
@@ -137,7 +137,7 @@ def tiny_study(tmp_path_factory, cifar_jpeg):
         env.setenv("MLFLOW_UI_BASE", f"http://127.0.0.1:{port}")
         loaded = load_sweep(str(path))
         study = engine.optimize(loaded, show_progress=False)
-        assert engine.end_parent(study)
+        assert parent.end(study, parent.tracking_uri(loaded))
     client, parents, children = mlflow_runs(root)
     return SimpleNamespace(root=root, path=path, study=study, port=port, base=f"http://127.0.0.1:{port}",
                            client=client, parent=parents[0], children=children,

@@ -46,6 +46,10 @@ class _Folders:
         self.cleaned: set[Path] = set()
         self.unwritable: set[Path] = set()
 
+    def clear(self) -> None:
+        self.cleaned.clear()
+        self.unwritable.clear()
+
 
 FOLDERS = _Folders()
 

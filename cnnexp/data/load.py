@@ -135,7 +135,7 @@ def load_raw(dataset_cfg, source: Source | None = None) -> RawDataset:
     return raw
 
 
-def describe(data: Dataset) -> str:
+def summary_line(data: Dataset) -> str:
     """One line for logs: sizes of the splits and the image shape."""
     val = "eval (fixed)" if data.shared_eval else "val"
     return (f"{len(data.y_train)} train / {len(data.y_val)} {val} / {len(data.y_test)} test images "

@@ -27,7 +27,7 @@ from cnnexp.reporting.prose import cell_n, label, pts, to_settle
 from cnnexp.reporting.sections import answer_paragraphs, transfer_lines
 from cnnexp.tracking import runs, store
 
-EFFECT_COLUMNS = ["question", "parameter", "verdict", "higher", "lower", "estimate", "ci_low", "ci_high", "alpha",
+EFFECT_COLUMNS = ["question", "parameter", "verdict", "decided_by", "higher", "lower", "estimate", "ci_low", "ci_high", "alpha",
                   "n_min", "best_value", "bound", "mde", "p_value", "settled_at_look", "confirmed", "runs", "failed",
                   "seconds", "to_settle"]
 
@@ -40,7 +40,9 @@ def effect_rows(analysis: Analysis) -> list[dict]:
         seconds = analysis.seconds.get(key, float("nan"))
         runs_used = sum(cell_n(lv) for lv in a.levels)
         higher, lower = a.pair or (None, None)
-        rows.append({"question": label(analysis, key), "parameter": key, "verdict": a.verdict, "higher": higher,
+        by_failures = a.verdict == "effect" and not a.decisive  # the failure rate differs, not the accuracy
+        rows.append({"question": label(analysis, key), "parameter": key, "verdict": a.verdict,
+                     "decided_by": "failure rate" if by_failures else "accuracy", "higher": higher,
                      "lower": lower, "estimate": a.estimate, "ci_low": a.ci_low, "ci_high": a.ci_high, "alpha": a.alpha,
                      "n_min": min((cell_n(lv) for lv in a.levels), default=0), "best_value": a.best, "bound": a.bound,
                      "mde": a.mde, "p_value": a.p_value, "settled_at_look": analysis.settled_at.get(key),
@@ -52,6 +54,7 @@ def effect_rows(analysis: Analysis) -> list[dict]:
     if e is not None:
         g = e.gain
         rows.append({"question": label(analysis, "train.epochs"), "parameter": "train.epochs", "verdict": e.verdict,
+                     "decided_by": "the gain over the base epochs",
                      "estimate": g.estimate if g else math.nan, "ci_low": g.low if g else math.nan,
                      "ci_high": g.high if g else math.nan, "alpha": g.alpha if g else math.nan, "n_min": e.runs,
                      "best_value": f">={e.last_epoch}" if e.at_or_beyond else e.best_epoch,
@@ -71,7 +74,7 @@ def inconsistent(effects: pd.DataFrame, margin: float) -> list[str]:
     bad = []
     for row in effects.to_dict("records"):
         low, high = row.get("ci_low"), row.get("ci_high")
-        if row["verdict"] == "effect" and pd.notna(low) and low <= 0 <= high and pd.isna(row.get("higher")) is False:
+        if row["verdict"] == "effect" and row.get("decided_by") != "failure rate" and pd.notna(low) and low <= 0 <= high:
             bad.append(f"{row['parameter']}: effect, but its CI {low:.4f} to {high:.4f} covers 0")
         if row["verdict"] == "equivalent" and pd.notna(low) and max(abs(low), abs(high)) >= margin:
             bad.append(f"{row['parameter']}: equivalent, but its CI {low:.4f} to {high:.4f} leaves +-{margin}")

@@ -107,17 +107,22 @@ def _paired(differences: np.ndarray, alpha: float) -> Interval:
     return mean_interval(differences, alpha)
 
 
-def value_at(curve: dict[int, float], position: float, scale: list[float] | None = None) -> float | None:
+def value_at(curve: dict[int, float], position: float, scale: list[float] | None = None,
+             log: bool = False) -> float | None:
     """The score of a curve at `position` epochs (or, with `scale`, at that much of the cumulative quantity per epoch).
 
     `scale` gives the cumulative updates or seconds after each epoch; positions between two epochs
-    are interpolated linearly, and a position before the first epoch or past the last is None
-    (never extrapolated).
+    are interpolated, linearly or (`log`) linearly in the logarithm of the position: a learning curve
+    is concave in updates, nearly straight in their logarithm, so a straight line between two epochs
+    would read it too low. A position before the first epoch or past the last is None (never
+    extrapolated).
     """
     epochs = sorted(curve)
     xs = np.array(scale if scale is not None else epochs, dtype=float)[: len(epochs)]
     if len(xs) < len(epochs) or position < xs[0] - 1e-9 or position > xs[-1] + 1e-9:
         return None
+    if log and xs[0] > 0 and position > 0:
+        return float(np.interp(np.log(position), np.log(xs), [curve[e] for e in epochs]))
     return float(np.interp(position, xs, [curve[e] for e in epochs]))
 
 
@@ -135,7 +140,7 @@ class AtEqual:
 def at_equal(cell_values: list[float], at: float, reference: list[dict[int, float]], scales: list[list[float]],
              level, axis: str, alpha: float = 0.05) -> AtEqual:
     """Compare a cell's final scores with the reference runs read at `at` updates or seconds."""
-    read = [value_at(curve, at, scale) for curve, scale in zip(reference, scales)]
+    read = [value_at(curve, at, scale, log=axis in ("updates", "images")) for curve, scale in zip(reference, scales)]
     if any(v is None for v in read) or not read:
         reach = max((s[-1] for s in scales if s), default=0)
         return AtEqual(level, axis, at, why=f"the reference runs reach {reach:,.0f} {axis}, not {at:,.0f}")

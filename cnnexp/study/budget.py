@@ -78,11 +78,15 @@ def batch_timer():
     return BatchTimer()
 
 
-def time_config(overrides: list[str], datasets=None) -> Timing:
-    """Time one configuration: a warm-up epoch, then at least TIMING_BATCHES batches one by one, through `run`."""
+def time_config(overrides: list[str], datasets=None, cap: int | None = None) -> Timing:
+    """Time one configuration: a warm-up epoch, then at least TIMING_BATCHES batches one by one, through `run`.
+
+    `cap`: the training images there are (a small dataset is timed on all of it).
+    """
     study = compose_config(overrides)
     batch = int(study.train.batch_size)
     images = max(1000, (TIMING_BATCHES + 1) // 2 * batch)  # two timed epochs hold TIMING_BATCHES batches
+    images = min(images, cap) if cap else images
     small = [*overrides, f"dataset.train_limit={images}", f"dataset.test_limit={TIMING_EVAL}", "train.epochs=3",
              "tracking=off", "train.verbose=0"]
     if study.dataset.get("eval_limit") is not None:
@@ -127,7 +131,7 @@ def plan(cells: list[PlannedCell], budget_s: float, full_train: int, share: floa
     for c in cells:
         if c.cell not in timings:
             stop.check()
-            timings[c.cell] = time_config(c.overrides, datasets)
+            timings[c.cell] = time_config(c.overrides, datasets, cap=c.images or full_train)
     ladder = [pinned] if pinned else rungs(full_train)
     fitting = [r for r in ladder if _total(cells, timings, r, work=True) <= share * budget_s]
     if not fitting:

@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cnnexp.runtime import git_commit, keras
-from cnnexp.tracking.store import TrackingUnavailable, absolute_uri, configure  # noqa: F401 - the store, re-exported
+from cnnexp.tracking.store import TrackingUnavailable, configure
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,9 @@ class _Warned:
 
     def __init__(self):
         self.messages: set[str] = set()
+
+    def clear(self) -> None:
+        self.messages.clear()
 
 
 WARNED = _Warned()

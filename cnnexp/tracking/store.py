@@ -29,6 +29,9 @@ class _Contacts:
     """What this process learnt of its MLflow stores: experiment ids, and stores that failed (not waited for again)."""
 
     def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
         self.experiments: dict[tuple[str, str], str] = {}
         self.broken: dict[str, str] = {}
 
@@ -104,8 +107,9 @@ def check(uri: str) -> stores.Store:
                 with open(path, "r+b"):
                     pass
     except (CnnexpError, OSError) as err:
-        raise TrackingUnavailable(f"MLflow store {uri} can't be used ({getattr(err, 'strerror', None) or err}); "
-                                  "point tracking.uri (or MLFLOW_TRACKING_URI) at a writable MLflow store") from err
+        raise TrackingUnavailable(f"MLflow store {uri} can't be written or is not MLflow's "
+                                  f"({getattr(err, 'strerror', None) or err}); point tracking.uri (or "
+                                  "MLFLOW_TRACKING_URI) at a writable MLflow store") from err
     return store
 
 

@@ -15,12 +15,10 @@ import numpy as np
 from cnnexp.errors import NonFiniteLossError
 from cnnexp.runtime import keras
 from cnnexp.train.callbacks import at_chance, checkpoint, epoch_timer, nan_guard
-from cnnexp.train.options import optimizer_settings, resolve_precision, steps_per_execution
+from cnnexp.train.options import optimizer_settings, steps_per_execution
 from cnnexp.train.pipeline import fit_inputs
 from cnnexp.train.pipeline import steps_per_epoch as count_steps
 from cnnexp.train.recipe import make_loss, make_optimizer
-
-__all__ = ["TrainResult", "train_model", "resolve_precision"]
 
 
 @dataclass
