@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cnnexp import record, runtime, stop
+from cnnexp import record, runtime, stop, stores
 from cnnexp.console import setup_logging
 from cnnexp.errors import CnnexpError
 from cnnexp.reporting.analysis import analyse
@@ -42,15 +43,17 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    study = load_study(study_name(args.study, "study"), args.storage)
+    study = load_study(study_name(args.study, "study"), args.storage)  # read-only: a missing one creates nothing
+    stores.check_writable(Path(args.out), "--out")  # a file, a read-only folder: one line, before the report is made
     facts = record.read_study(study)
     settings = OmegaConf.create({"study_name": args.study, "storage": args.storage, "output_dir": args.out})
     compare = None
     if args.compare:
         other = load_study(study_name(args.compare, "--compare"), args.storage)
         other_facts = record.read_study(other)
-        compare = (args.compare, analyse(other, record.read_trials(other), other_facts, answers_settings(other_facts)))
-    print(write_report(study, settings, answers_settings(facts), compare, tracking_uri=args.tracking_uri))
+        compare = (args.compare, analyse(other, record.read_trials(other), other_facts,
+                                         answers_settings(other_facts.answers)))
+    print(write_report(study, settings, answers_settings(facts.answers), compare, tracking_uri=args.tracking_uri))
     return 0
 
 

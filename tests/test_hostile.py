@@ -12,8 +12,11 @@ import gzip
 import hashlib
 import io
 import os
+import signal
 import struct
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +29,12 @@ from PIL import Image
 
 from cnnexp.config import compose_config
 from cnnexp.data import load, locate
-from cnnexp.errors import DataError
+from cnnexp.errors import ConfigError, DataError
 from cnnexp.study import engine
 from cnnexp.study.optuna_study import open_study
 from cnnexp.study.space import load_sweep
 from tests.conftest import CIFAR_JPEG, run_cli, tracking_overrides
-from tests.helpers import finish, write_sweep
+from tests.helpers import TINY, finish, write_sweep
 
 needs_cifar = pytest.mark.skipif(not CIFAR_JPEG.exists(), reason=f"{CIFAR_JPEG} is not there")
 
@@ -371,3 +374,213 @@ def test_no_module_in_the_working_folder_runs_from_any_entry_point_and_hydra_key
             one_line_error(proc, wanted)
         assert not (tmp_path / "PROBE-RAN").exists(), (args, (tmp_path / "PROBE-RAN").read_text())
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "out").exists()
+
+
+# --- 2. every exit ends every run ------------------------------------------------------------------------------
+
+def _mlflow_statuses(tmp_path: Path) -> dict[str, str]:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnnexp")
+    found = client.search_runs([experiment.experiment_id]) if experiment else []
+    return {r.info.run_name: r.info.status for r in found}
+
+
+def _start(tmp_path: Path, module: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _signal_when(proc: subprocess.Popen, marker: str, sig: int, timeout: float = 300) -> tuple[str, str]:
+    """Send `sig` once `marker` shows on stdout; then (stdout, stderr) as the process ends."""
+    seen, started = [], time.monotonic()
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+        assert time.monotonic() - started < timeout, "".join(seen)[-2000:]
+    out, err = proc.communicate(timeout=120)
+    return "".join(seen) + out, err
+
+
+@needs_cifar
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_in_epoch_2_ends_a_single_run_killed_in_one_line(tmp_path, sig):
+    args = [*(o for o in TINY if not o.startswith("train.epochs")), "train.epochs=4", "train.verbose=2",
+            *tracking_overrides(tmp_path), f"output_dir={tmp_path / 'o'}"]
+    out, err = _signal_when(_start(tmp_path, "cnnexp.run", *args), "Epoch 2/", sig)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1 and "stopped" in errors[0], err[-2000:]
+    assert list(_mlflow_statuses(tmp_path).values()) == ["KILLED"]
+
+
+@needs_cifar
+def test_sighup_during_the_trials_fails_and_requeues_the_trial_and_kills_every_run(tmp_path):
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"n_trials": 2},
+                       overrides=["train.epochs=4", "train.verbose=0"])
+    proc = _start(tmp_path, "cnnexp.sweep", "--sweep", str(path))
+    out, err = _signal_when(proc, "epoch 1/4", signal.SIGHUP)
+    assert proc.returncode == 130 and "Traceback" not in err and "error: stopped (SIGHUP)" in err, err[-2000:]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]  # queued again, to resume from its checkpoint
+    assert "interrupted" in study.trials[0].user_attrs["error"]
+    assert set(_mlflow_statuses(tmp_path).values()) == {"KILLED"}  # the trial's run and the parent
+
+
+@needs_cifar
+def test_a_stop_during_the_plans_timing_is_heard_within_a_batch(tmp_path):
+    doc = {"overrides": [*TINY, *tracking_overrides(tmp_path)],
+           "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}},
+           "sweep": {"budget": "30m", "storage": f"sqlite:///{tmp_path / 'studies.db'}", "output_dir": str(tmp_path / "o")}}
+    (tmp_path / "planned.yaml").write_text(yaml.safe_dump(doc))
+    proc = _start(tmp_path, "cnnexp.sweep", "--sweep", "planned.yaml")
+    started = time.monotonic()
+    out, err = _signal_when(proc, "Timing each configuration", signal.SIGINT)
+    assert proc.returncode == 130 and "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+    assert time.monotonic() - started < 120  # never the 2 minutes of timing the old planner went on with
+    assert not [status for status in _mlflow_statuses(tmp_path).values() if status == "RUNNING"]
+
+
+@needs_cifar
+def test_a_closed_pipe_never_fails_a_trial_or_the_sweep_and_the_parent_is_ended(tmp_path):
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"n_trials": 2, "sampler": {"name": "grid"}})
+    proc = _start(tmp_path, "cnnexp.sweep", "--sweep", str(path))
+    proc.stdout.readline()
+    proc.stdout.close()  # what `| head -n 1` does
+    proc.wait(timeout=600)
+    err = proc.stderr.read()
+    assert proc.returncode == 0 and "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert set(_mlflow_statuses(tmp_path).values()) == {"FINISHED"}
+
+
+@needs_cifar
+def test_no_report_workers_end_the_parent_and_a_late_worker_never_reopens_it(tmp_path):
+    from cnnexp import sweep as sweep_cli_module
+
+    path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"n_trials": 1})
+    assert sweep_cli_module.main(["--sweep", str(path), "--no-report"]) == 0
+    parent = [status for name, status in _mlflow_statuses(tmp_path).items() if name == "study tiny"]
+    assert parent == ["FINISHED"]  # the last worker ended it
+    assert sweep_cli_module.main(["--sweep", str(path), "--no-report"]) == 0  # a late array task
+    assert set(_mlflow_statuses(tmp_path).values()) == {"FINISHED"}
+
+
+@needs_cifar
+def test_a_stop_during_the_champion_ends_the_parent_killed_with_one_line(tmp_path, monkeypatch, capsys):
+    from cnnexp import sweep as sweep_cli_module
+    from cnnexp.study import parent
+
+    path = write_sweep(tmp_path, {"kernel": "choice(3)"},
+                       settings={"n_trials": 1, "objectives": [{"metric": "train_seconds", "direction": "minimize"}]})
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("SIGINT")
+
+    monkeypatch.setattr(parent, "register_champion", stopped)
+    assert sweep_cli_module.main(["--sweep", str(path)]) == 130
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stopped" in errors[0]
+    assert _mlflow_statuses(tmp_path)["study tiny"] == "KILLED"
+
+
+def test_ending_a_run_waits_for_a_store_locked_by_another_program(tmp_path):
+    import sqlite3
+    import threading
+
+    from cnnexp.config import compose_config
+    from cnnexp.tracking import runs
+
+    cfg = compose_config(tracking_overrides(tmp_path))
+    run = runs.open_run(cfg.tracking, "locked", {})
+    held = sqlite3.connect(tmp_path / "mlflow.db", timeout=1, check_same_thread=False)
+    held.execute("BEGIN EXCLUSIVE")  # another program holds the store, longer than MLflow's 20 s busy timeout
+    threading.Timer(25, held.rollback).start()
+    run.end("FINISHED")
+    held.close()
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run.run_id).info.status == "FINISHED"
+
+
+# --- 3. a study keeps one regime ----------------------------------------------------------------------------------
+
+def test_a_rerun_that_measures_another_regime_is_refused_naming_the_keys_and_the_new_name(tmp_path):
+    first = load_sweep(str(write_sweep(tmp_path, {"kernel": "choice(3,5)"})))
+    open_study(first.settings, first.space, first.expressions, regime=first.regime())
+    again = load_sweep(str(tmp_path / "tiny.yaml"), ["sweep.metric=test_accuracy", "train.epochs=1"])
+    with pytest.raises(ConfigError, match=r"measured another regime \(epochs: 2 there, 1 now; metric: val_accuracy "
+                                          r"there, test_accuracy now; train.epochs: 2 there, 1 now\).*tiny-2"):
+        open_study(again.settings, again.space, again.expressions, regime=again.regime())
+    # Where things are and how much is printed are not the regime: a worker elsewhere joins.
+    moved = load_sweep(str(tmp_path / "tiny.yaml"), [f"dataset.cache_dir={tmp_path / 'other'}", "train.verbose=0"])
+    open_study(moved.settings, moved.space, moved.expressions, regime=moved.regime())
+
+
+# --- 4. validate before creating ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "wanted"), [
+    (["sweep.sampler.n_startup_trials=abc"], "sweep.sampler.n_startup_trials='abc' must be int"),
+    (["sweep.pruner.name=median", "sweep.pruner.n_startup_trials=-1"], "sweep.pruner: Number of startup trials"),
+    (["sweep.sampler.n_startups=3"], "sweep.sampler.n_startups: TPESampler takes no such option"),
+    (["answers.precision=0.02"], "answers.precision is now answers.margin"),
+])
+def test_sampler_and_pruner_options_are_checked_before_any_storage_or_folder_exists(tmp_path, monkeypatch, capsys,
+                                                                                    args, wanted):
+    from cnnexp import sweep as sweep_cli_module
+
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"})
+    assert sweep_cli_module.main(["--sweep", str(path), *args]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and wanted in errors[0], errors
+    assert not (tmp_path / "studies.db").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@needs_cifar
+def test_a_trial_that_cannot_be_prepared_fails_with_its_own_reason_and_does_not_count(tmp_path, monkeypatch, capsys):
+    from cnnexp import sweep as sweep_cli_module
+    from cnnexp.study import objective
+
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"n_trials": 2})
+
+    def broken(*args, **kwargs):
+        raise TypeError("a sampler option of the wrong type")
+
+    monkeypatch.setattr(objective, "suggest", broken)
+    assert sweep_cli_module.main(["--sweep", str(path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not be prepared: TypeError: a sampler option of the wrong type" in errors[0]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    (trial,) = study.trials  # the sweep stopped on it instead of failing every trial the same way
+    assert trial.state.name == "FAIL" and "worker lost" not in trial.user_attrs["error"]
+    from cnnexp.study.optuna_study import count_trials
+
+    assert count_trials(study.trials) == 0  # the fixed rerun still has its 2 trials
+
+
+# --- 5. read-only means read-only ---------------------------------------------------------------------------------
+
+@needs_cifar
+def test_the_report_reads_a_read_only_study_writes_only_where_told_and_never_to_a_store_the_study_names(tmp_path):
+    from cnnexp import record
+    from cnnexp import report as report_cli
+
+    path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"n_trials": 1})
+    study = engine.optimize(load_sweep(str(path)), show_progress=False)
+    elsewhere = tmp_path / "planted" / "mlflow.db"
+    record.write_study(study, mlflow_tracking_uri=f"sqlite:///{elsewhere}")  # a studies file naming another store
+    before = hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest()
+    (tmp_path / "studies.db").chmod(0o444)
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    assert report_cli.main(["tiny", "--storage", storage, "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "tiny" / "summary.md").exists() and not elsewhere.parent.exists()
+    assert hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest() == before
+    (tmp_path / "a-file").write_text("x")
+    proc = run_cli("cnnexp.report", "tiny", "--storage", storage, "--out", str(tmp_path / "a-file"), cwd=tmp_path)
+    one_line_error(proc, "--out: can't write to")
+    for missing in ("nosuch", f"sqlite:///{tmp_path / 'typo' / 'studies.db'}"):
+        args = ["nosuch", "--storage", storage] if missing == "nosuch" else ["tiny", "--storage", missing]
+        one_line_error(run_cli("cnnexp.report", *args, cwd=tmp_path))
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "outputs").exists()
