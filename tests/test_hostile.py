@@ -371,3 +371,190 @@ def test_no_module_in_the_working_folder_runs_from_any_entry_point_and_hydra_key
             one_line_error(proc, wanted)
         assert not (tmp_path / "PROBE-RAN").exists(), (args, (tmp_path / "PROBE-RAN").read_text())
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "out").exists()
+
+
+# --- 6. every value checked, one line naming the key and the value, before anything is created ----------------------
+
+MNIST_T10K = CIFAR_JPEG.parent / "mnist-t10k"
+needs_mnist = pytest.mark.skipif(not MNIST_T10K.exists(), reason=f"{MNIST_T10K} is not there")
+# A few hundred real digits, one epoch: seconds on 2 cores.
+TINY_MNIST = ["dataset=mnist", f"dataset.path={MNIST_T10K}", "model=mnist_cnn", "dataset.train_limit=200",
+              "dataset.test_limit=100", "train.epochs=1"]
+FOLDER_HERE = ["dataset=folder", "dataset.path=."]  # config checks come before the folder is looked at
+
+
+def main_error(main, argv: list[str], capsys, *wanted: str) -> str:
+    """A CLI's main(argv) in this process: exit 2, one `error:` line naming what is wrong, no traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, err[-3000:])
+    for text in wanted:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(("args", "wanted"), [
+    (["dataset.input_shape=[a,32,3]"], "dataset.input_shape=['a', 32, 3] must be [height, width, channels]"),
+    (["dataset.input_shape=[32,32]"], "dataset.input_shape=[32, 32] must be [height, width, channels]"),
+    (["dataset.input_shape=[32,32,2]"], "channels 1 (grayscale) or 3 (RGB)"),
+    (["dataset.subset_seed=-1"], "dataset.subset_seed=-1 must be >= 0"),
+    (["dataset.subset_seed=4294967296"], "dataset.subset_seed=4294967296 must be <= 4294967295"),
+    ([*FOLDER_HERE, "dataset.test_fraction=abc"], "dataset.test_fraction='abc' must be a number"),
+    ([*FOLDER_HERE, "dataset.test_fraction=0"], "dataset.test_fraction=0 must be > 0"),
+    (["train.seed=4294967296"], "train.seed=4294967296 must be <= 4294967295"),
+    (["train.data_seed=-1"], "train.data_seed=-1 must be >= 0"),
+    ([*FOLDER_HERE, "dataset.input_shape=[8,8,3]", "train.augment.translate=10"],
+     "train.augment.translate=10 must be < 8, the smaller side of the 8x8 images"),
+    (["tracking.timeout=0"], "tracking.timeout=0 must be > 0"),
+    (["kernel=7"], "kernel is a shortcut, not a config key: write +kernel=7"),
+    (["dataset=nosuch"], "available options in 'dataset': cifar10, fashion_mnist, folder, mnist"),
+    (["+width=0.5", "+width=0.25"], "width is given twice"),
+    (["+tracking.timeout=5"], "tracking.timeout is a config key already: write tracking.timeout=5 without '+'"),
+])
+def test_a_bad_value_for_a_run_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, wanted):
+    from cnnexp import run
+
+    monkeypatch.chdir(tmp_path)
+    main_error(run.main, args, capsys, wanted)
+    assert files_under(tmp_path) == set()  # no outputs/runs/<time>, no mlflow.db
+
+
+@pytest.mark.parametrize(("args", "wanted"), [
+    (["kernel=7"], "write +kernel=7"),
+    (["dataset=nosuch"], "available options in 'dataset'"),
+    (["+tracking.timeout=5"], "write tracking.timeout=5 without '+'"),
+    (["dataset.subset_seed=-1"], "dataset.subset_seed=-1 must be >= 0"),
+    (["train.augment.translate=32"], "train.augment.translate=32 must be < 32"),
+])
+def test_a_bad_value_for_a_sweep_is_one_line_and_creates_no_study(tmp_path, monkeypatch, capsys, args, wanted):
+    from cnnexp import sweep
+
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"})
+    main_error(sweep.main, ["--sweep", str(path), *args], capsys, wanted)
+    assert files_under(tmp_path) == {path.name}
+
+
+@pytest.mark.parametrize(("text", "wanted"), [
+    ("sweep: 5\nparams: {kernel: choice(3,5)}\n", "sweep=5 must be a mapping"),
+    ("answers: 5\nparams: {kernel: choice(3,5)}\n", "answers=5 must be a mapping"),
+    ("design: [1, 2]\n", "design=[1, 2] must be a mapping"),
+    ("params: [kernel]\n", "params=['kernel'] must be a mapping"),
+    ("overrides: 5\nparams: {kernel: choice(3,5)}\n", "overrides=5 must be a list of overrides"),
+    ("overrides: train.epochs=1\nparams: {kernel: choice(3,5)}\n", "overrides='train.epochs=1' must be a list"),
+    ("overrides: [{a: 1}]\nparams: {kernel: choice(3,5)}\n", "overrides.0={'a': 1} must be a string"),
+    ("description: [1]\nparams: {kernel: choice(3,5)}\n", "description=[1] must be a string"),
+    ("sweep: {sampler: 5}\nparams: {kernel: choice(3,5)}\n", "sweep.sampler=5 must be a mapping"),
+    ("sweep: {constraints: 5}\nparams: {kernel: choice(3,5)}\n", "sweep.constraints=5 must be a list"),
+    ("swep: {n_trials: 2}\nparams: {kernel: choice(3,5)}\n", "unknown section 'swep'"),
+    ("[1, 2]\n", "is not a sweep file (it holds a list)"),
+    ("5\n", "is not a sweep file"),
+    ("sweep: [1,\n", "is not a sweep file (while parsing"),
+    ("sweep: !!python/object/apply:os.system ['touch RAN']\n", "is not a sweep file (could not determine a constructor"),
+])
+def test_every_section_of_a_sweep_file_has_its_type_checked_in_one_line(tmp_path, monkeypatch, capsys, text, wanted):
+    from cnnexp import sweep
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text(text)
+    main_error(sweep.main, ["--sweep", "bad.yaml"], capsys, "bad.yaml", wanted)
+    assert files_under(tmp_path) == {"bad.yaml"}
+
+
+def _npz(path: Path, x_train_header: dict) -> Path:
+    """An mnist.npz whose x_train.npy member has this header (and 1 KB of data); the other members are real."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, x_train_header)
+    members = {"y_train": np.zeros(10, np.uint8), "x_test": np.zeros((10, 28, 28), np.uint8),
+               "y_test": np.zeros(10, np.uint8)}
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x_train.npy", header.getvalue() + bytes(1024))
+        for name, array in members.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            archive.writestr(f"{name}.npy", buffer.getvalue())
+    return path
+
+
+@pytest.mark.parametrize(("header", "wanted"), [
+    ({"descr": "|u1", "fortran_order": False, "shape": (1_000_000_000, 28, 28)},  # 730 GiB declared
+     "x_train declares 1000000000x28x28 uint8 = 784,000,000,000 bytes, more than an array here may hold"),
+    ({"descr": "|O", "fortran_order": False, "shape": (10, 28, 28)}, "x_train holds object values"),
+])
+def test_an_npz_member_is_checked_from_its_header_before_any_data_is_read(tmp_path, monkeypatch, capsys, header,
+                                                                          wanted):
+    from cnnexp import run
+
+    monkeypatch.chdir(tmp_path)
+    npz = _npz(tmp_path / "mnist.npz", header)
+    main_error(run.main, ["dataset=mnist", f"dataset.path={npz}", "model=mnist_cnn", "tracking=off"], capsys,
+               f"{npz}:", wanted)
+    assert files_under(tmp_path) == {"mnist.npz"}
+
+
+def test_a_test_fraction_that_leaves_no_test_image_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    from cnnexp import run
+
+    tree = _tree(tmp_path / "pets")  # 8 images: 1% of them rounds to none
+    monkeypatch.chdir(tmp_path)
+    main_error(run.main, ["dataset=folder", f"dataset.path={tree}", "dataset.input_shape=[8,8,3]",
+                          "dataset.test_fraction=0.01", "tracking=off"], capsys,
+               "dataset.test_fraction=0.01 of the 8 images in", "leaves no test image")
+    assert not (tmp_path / "outputs").exists()
+
+
+def _documented_overrides(readme: str) -> tuple[list[list[str]], set[str], set[str]]:
+    """(the `python -m cnnexp.run` command lines, key=value overrides, keys written with a placeholder value).
+
+    From README.md's code spans and blocks; the security table's values are refused on purpose, so only
+    its keys count there.
+    """
+    import re
+
+    security = readme.index("## Security and failure modes")
+    end = readme.index("\n## ", security + 5)
+    commands, overrides, keys = [], set(), set()
+    for part, values_too in ((readme[:security] + readme[end:], True), (readme[security:end], False)):
+        spans = re.findall(r"```[a-z]*\n(.*?)```", part, flags=re.S)
+        spans += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", part, flags=re.S))
+        for line in (line for span in spans for line in span.splitlines()):
+            command = re.search(r"python -m cnnexp\.run((?: +[^ #;)…]+)+)", line) or re.search(
+                r"make run ARGS='([^']*)'", line)
+            if command and values_too:
+                commands.append(command.group(1).split())
+            for key, value in re.findall(r"(?<![\w.+-])(\+?(?:dataset|model|train|tracking|sweep|answers)"
+                                         r"(?:\.[A-Za-z_0-9]+)+)=([^\s`'\",\]}]+)", line):
+                placeholder = not values_too or value in ("N", "K", "...", "…") or "<" in value
+                (keys if placeholder else overrides).add(key if placeholder else f"{key}={value}")
+    return commands, overrides, keys
+
+
+def test_every_key_the_readme_tells_users_to_type_is_accepted():
+    from cnnexp import PROJECT_ROOT
+    from cnnexp.config import known_keys
+    from cnnexp.study.settings import DEFAULTS
+
+    commands, overrides, keys = _documented_overrides((PROJECT_ROOT / "README.md").read_text())
+    assert len(commands) >= 10 and len(overrides) >= 10, (commands, overrides)  # the extraction still finds them
+    for command in commands:
+        compose_config(command)  # a ConfigError names the key
+    settings = {f"{section}.{key}" for section in ("sweep", "answers") for key in DEFAULTS[section]}
+    for text in sorted(overrides):
+        key = text.partition("=")[0]
+        if key.startswith(("sweep.", "answers.")):
+            assert key in settings, f"README.md tells users to type {text}, which no sweep setting is"
+        else:
+            compose_config([text])
+    known = known_keys()
+    for key in sorted(keys):
+        section, _, rest = key.lstrip("+").partition(".")
+        assert (f"{section}.{rest}" in settings if section in ("sweep", "answers") else rest in known[section]), key
+    assert compose_config(["tracking.timeout=5"]).tracking.timeout == 5  # what store.configure waits for
+
