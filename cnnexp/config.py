@@ -150,6 +150,7 @@ def validate_tracking_config(tracking_cfg) -> None:
         raise ConfigError("tracking.experiment='' must name an MLflow experiment, e.g. cnnexp.")
     checks.flag(tracking_cfg.get("log_model"), "tracking.log_model")
     checks.number(tracking_cfg.get("timeout"), "tracking.timeout", low=0, low_open=True, high=3600)
+    checks.flag(tracking_cfg.get("telemetry"), "tracking.telemetry")
 
 
 def _unknown(key: str, choices: set[str], extra: str = "") -> None:

@@ -411,6 +411,7 @@ def files_under(folder: Path) -> set[str]:
     ([*FOLDER_HERE, "dataset.input_shape=[8,8,3]", "train.augment.translate=10"],
      "train.augment.translate=10 must be < 8, the smaller side of the 8x8 images"),
     (["tracking.timeout=0"], "tracking.timeout=0 must be > 0"),
+    (["tracking.telemetry=maybe"], "tracking.telemetry='maybe' must be true or false"),
     (["kernel=7"], "kernel is a shortcut, not a config key: write +kernel=7"),
     (["dataset=nosuch"], "available options in 'dataset': cifar10, fashion_mnist, folder, mnist"),
     (["+width=0.5", "+width=0.25"], "width is given twice"),
@@ -557,4 +558,63 @@ def test_every_key_the_readme_tells_users_to_type_is_accepted():
         section, _, rest = key.lstrip("+").partition(".")
         assert (f"{section}.{rest}" in settings if section in ("sweep", "answers") else rest in known[section]), key
     assert compose_config(["tracking.timeout=5"]).tracking.timeout == 5  # what store.configure waits for
+
+
+# --- 7. nothing outside the configured folders: HOME keeps only the configured cache ---------------------------------
+
+def _home_env(home: Path) -> dict:
+    """The user's environment with HOME elsewhere and nothing that would hide a write to it (the project's and
+    MLflow's own settings unset; no CI or pytest markers, by which MLflow would turn its telemetry off itself)."""
+    ci = {"PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "BUILDKITE", "DO_NOT_TRACK",
+          "MPLCONFIGDIR", "PYTEST_XDIST_WORKER"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ci and not k.startswith(("MLFLOW_", "CNNEXP_", "KERAS_", "XDG_"))}
+    return {**env, "HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+
+@needs_mnist
+def test_run_sweep_report_and_ui_leave_home_untouched_but_the_configured_cache(tmp_path):
+    import sys
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env = _home_env(home)
+    doc = {"overrides": [*TINY_MNIST, *tracking_overrides(work)], "params": {"kernel": "choice(3)"},
+           "sweep": {"n_trials": 1, "sampler": {"name": "grid"}, "storage": f"sqlite:///{work / 'studies.db'}",
+                     "output_dir": str(work / "out"), "estimate": False, "system_metrics": False}}
+    (work / "tiny.yaml").write_text(yaml.safe_dump(doc))
+    commands = [["cnnexp.run", *TINY_MNIST, *tracking_overrides(work)], ["cnnexp.sweep", "--sweep", "tiny.yaml"],
+                ["cnnexp.report", "tiny", "--storage", f"sqlite:///{work / 'studies.db'}", "--out", str(work / "out")],
+                ["cnnexp.ui", "mlflow-url", "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--study", "tiny"]]
+    for command in commands:
+        proc = subprocess.run([sys.executable, "-m", *command], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+    written = files_under(home)
+    # The decode cache and matplotlib's font cache under ~/.cache/cnnexp; Keras' own config in ~/.keras, the
+    # documented Keras folder ($KERAS_HOME), which Keras writes when it is imported. Nothing else: no
+    # ~/.config/mlflow/telemetry.json, no ~/.cache/matplotlib or ~/.config/matplotlib.
+    assert {p for p in written if not p.startswith(".cache/cnnexp")} <= {".cache", ".keras", ".keras/keras.json"}, written
+    assert any(p.startswith(".cache/cnnexp/matplotlib/fontlist") for p in written), written  # the report drew plots
+
+
+def test_mlflow_telemetry_is_off_unless_tracking_telemetry_turns_it_on(tmp_path, monkeypatch):
+    from cnnexp import runtime
+    from cnnexp.tracking import store
+
+    for key in ("MLFLOW_DISABLE_TELEMETRY", runtime.TELEMETRY_MARKER):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///unused.db")  # restored after: MLflow sets it when pointed
+    runtime.setup_environment()
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"  # set before any entry point imports mlflow
+    assert compose_config().tracking.telemetry is False
+    store.configure(compose_config([*tracking_overrides(tmp_path), "tracking.telemetry=true"]).tracking)
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"  # on, for this process and the workers it starts
+    runtime.mlflow_telemetry(False)
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    monkeypatch.delenv(runtime.TELEMETRY_MARKER)  # the user's own MLFLOW_DISABLE_TELEMETRY=true wins
+    runtime.setup_environment()
+    runtime.mlflow_telemetry(True)
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
 

@@ -14,6 +14,7 @@ import os
 import threading
 from pathlib import Path
 
+from cnnexp import runtime
 from cnnexp.errors import StorageError, TrackingUnavailable
 from cnnexp.locks import store_lock
 from cnnexp.paths import check_writable, storage_file
@@ -60,6 +61,7 @@ def configure(tracking_cfg) -> str | None:
     """
     if not tracking_cfg.enabled:
         return None
+    runtime.mlflow_telemetry(bool(tracking_cfg.get("telemetry", False)))  # before mlflow is imported, if it isn't yet
     import mlflow
 
     uri = use(tracking_cfg.uri)
