@@ -618,3 +618,127 @@ def test_mlflow_telemetry_is_off_unless_tracking_telemetry_turns_it_on(tmp_path,
     runtime.mlflow_telemetry(True)
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
+
+# --- 8. the UI: names, YAML, unreachable stores, ports in use, another tool's file --------------------------------------
+
+@pytest.mark.parametrize(("args", "wanted"), [
+    (["mlflow-url", "--study", "tiny'x"], """--study="tiny'x" may hold only letters, digits"""),
+    (["dashboard", "--study", "a b"], "--study='a b' may hold only letters, digits"),
+    (["mlflow-url", "--sweep", "list.yaml"], "list.yaml=[1, 2] must be a mapping of sections"),
+    (["mlflow-url", "--sweep", "scalar.yaml"], "scalar.yaml=5 must be a mapping of sections"),
+    (["mlflow-url", "--sweep", "bad.yaml"], "bad.yaml is not a readable sweep file (while parsing"),
+    (["mlflow-url", "--sweep", "code.yaml"], "code.yaml is not a readable sweep file (could not determine a constructor"),
+    (["mlflow-url", "--sweep", "sweep5.yaml"], "sweep5.yaml: sweep=5 must be a mapping of settings"),
+    (["mlflow", "--sweep", "name.yaml"], "sweep.study_name=\"x'\" may hold only letters"),
+    (["mlflow", "--port", "0"], "--port 0 must be in 1..65535"),
+    (["dashboard", "--port", "70000"], "--port 70000 must be in 1..65535"),
+])
+def test_ui_arguments_are_one_line_and_run_no_code(tmp_path, monkeypatch, capsys, args, wanted):
+    from cnnexp import ui
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store: ./mlflow.db, not there
+    files = {"list.yaml": "[1, 2]\n", "scalar.yaml": "5\n", "bad.yaml": "sweep: [1,\n", "sweep5.yaml": "sweep: 5\n",
+             "code.yaml": "sweep: !!python/object/apply:os.system ['touch RAN']\n",
+             "name.yaml": "sweep: {study_name: \"x'\"}\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    if args[0] == "dashboard":
+        optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+        files["studies.db"] = ""
+    main_error(ui.main, args, capsys, wanted)
+    assert files_under(tmp_path) == set(files)  # no RAN, no mlflow.db
+
+
+def test_mlflow_url_on_a_server_that_does_not_answer_says_so_within_seconds(tmp_path, monkeypatch, capsys):
+    import time
+
+    from cnnexp import ui
+
+    monkeypatch.chdir(tmp_path)
+    began = time.monotonic()
+    main_error(ui.main, ["mlflow-url", "--tracking-uri", "http://127.0.0.1:1"], capsys,
+               "the MLflow server http://127.0.0.1:1 does not answer (Connection refused")
+    assert time.monotonic() - began < 10  # MLflow's own retries took over a minute
+    assert files_under(tmp_path) == set()
+
+
+@pytest.mark.parametrize("command", ["mlflow", "dashboard"])
+def test_a_port_in_use_is_one_line_and_no_server_starts(tmp_path, monkeypatch, capsys, command):
+    import socket
+
+    from cnnexp import ui
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+
+    def no_server(*args, **kwargs):
+        raise AssertionError(f"a server was started: {args}")
+
+    monkeypatch.setattr(ui.subprocess, "Popen", no_server)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        main_error(ui.main, [command, "--port", str(port)], capsys, f"--port {port}: 127.0.0.1:{port} is in use")
+    assert files_under(tmp_path) == {"studies.db"}
+
+
+def test_a_server_that_exits_on_its_own_is_one_error_line(capsys):
+    import sys
+
+    from cnnexp import ui
+
+    assert ui.serve([sys.executable, "-c", "raise SystemExit(0)"], 5999) == 2  # mlflow ui exits 0 on a port in use
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "exited on its own (exit code 0) instead of serving" in err, err
+
+
+def _study_parent(uri: str, name: str) -> None:
+    """An MLflow store holding one study's parent run, as a sweep leaves it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("cnnexp")
+    client.create_run(experiment, run_name=f"study {name}", tags={"cnnexp.role": "study", "cnnexp.study": name})
+
+
+def test_a_study_name_is_never_pasted_into_an_mlflow_filter(tmp_path):
+    from cnnexp.errors import StorageError
+    from cnnexp.tracking import views
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _study_parent(uri, "tiny")
+    assert views.study_runs_url(uri, "http://ui", "tiny")[0] == "tiny"
+    with pytest.raises(StorageError, match="no study .* in the MLflow store"):
+        views.study_runs_url(uri, "http://ui", "x' OR tags.`cnnexp.study` != '")
+
+
+def test_an_optuna_storage_named_as_the_mlflow_store_is_never_written_to(tmp_path, monkeypatch, capsys):
+    from cnnexp import ui
+
+    monkeypatch.chdir(tmp_path)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    before = hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///studies.db")
+    for command in ("mlflow-url", "mlflow"):
+        main_error(ui.main, [command], capsys, "studies.db is an Optuna study storage, not an MLflow store")
+    assert hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest() == before
+    assert files_under(tmp_path) == {"studies.db"}
+
+
+@needs_mnist
+def test_a_run_whose_mlflow_store_is_an_optuna_storage_trains_with_one_warning(tmp_path, monkeypatch, capsys):
+    from cnnexp import run
+
+    monkeypatch.chdir(tmp_path)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    before = hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///studies.db")
+    assert run.main(TINY_MNIST) == 0  # tracking never decides whether training happens
+    out, err = capsys.readouterr()
+    said = [line for line in err.splitlines() if "MLflow" in line]
+    assert len(said) == 1 and "is an Optuna study storage, not an MLflow store" in said[0], err[-3000:]
+    assert "test accuracy:" in out and "Traceback" not in err
+    assert hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest() == before

@@ -17,7 +17,7 @@ from pathlib import Path
 from cnnexp import runtime
 from cnnexp.errors import StorageError, TrackingUnavailable
 from cnnexp.locks import store_lock
-from cnnexp.paths import check_writable, storage_file
+from cnnexp.paths import check_writable, storage_file, store_kind
 
 # MLflow 3's UI opens GenAI experiments on traces; this tag marks ours as model training.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -98,10 +98,18 @@ def configure(tracking_cfg) -> str | None:
 
 
 def _check_local_store(uri: str) -> None:
-    """Fail at once, not after minutes of MLflow's retries, on a SQLite file we can't write."""
+    """Fail at once, not after minutes of MLflow's retries, on a SQLite file we can't write or that isn't MLflow's.
+
+    MLflow adds its tables to any SQLite file it is pointed at: an Optuna `studies.db` named by mistake
+    (MLFLOW_TRACKING_URI=sqlite:///studies.db) is refused before MLflow touches it.
+    """
     path = storage_file(uri) if uri.startswith("sqlite") else None
     if path is None:
         return
+    kind = store_kind(path)
+    if kind not in (None, "an MLflow store"):
+        raise TrackingUnavailable(f"MLflow store {uri}: {path} is {kind}, not an MLflow store; nothing was written "
+                                  "to it. Point tracking.uri (or MLFLOW_TRACKING_URI) at another file")
     try:
         check_writable(path.parent, "tracking.uri")
         if path.exists():
