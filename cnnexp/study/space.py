@@ -76,11 +76,17 @@ def _read(path: Path) -> DictConfig:
             raise ConfigError(f"{path}: unknown section {key!r}; a sweep file holds {', '.join(DEFAULTS)}.")
     for section in ("sweep", "answers", "design", "params"):
         checks.mapping(loaded.get(section, {}), f"{path}: {section}", "a mapping of keys to values")
-    settings = loaded.get("sweep", {})
-    for setting, kind in (("sampler", dict), ("pruner", dict), ("objectives", list), ("constraints", list)):
-        if setting in settings and not isinstance(settings[setting], kind):
-            raise ConfigError(f"{path}: sweep.{setting}={settings[setting]!r} must be "
-                              f"{'a mapping such as {name: tpe}' if kind is dict else 'a list'}.")
+    settings, design = loaded.get("sweep", {}), loaded.get("design", {})
+    nested = [(settings, key, dict, False) for key in ("sampler", "pruner")]  # null is no sampler either
+    nested += [(settings, key, list, True) for key in ("objectives", "constraints")]
+    nested += [(design, key, dict, True) for key in ("baseline", "vary", "arms")]
+    for node, key, kind, nullable in nested:
+        value = node.get(key)
+        if key in node and not isinstance(value, kind) and not (nullable and value is None):
+            what = "a mapping" if kind is dict else "a list"
+            raise ConfigError(f"{path}: {'sweep' if node is settings else 'design'}.{key}={value!r} must be {what}.")
+    for arm, overrides in (design.get("arms") or {}).items():
+        checks.overrides(overrides, f"{path}: design.arms.{arm}")
     checks.overrides(loaded.get("overrides", []), f"{path}: overrides")
     checks.text(loaded.get("description", ""), f"{path}: description")
     try:
