@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 from cnnexp.errors import ConfigError
 
 
@@ -40,3 +42,50 @@ def flag(value, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r} must be true or false.")
     return value
+
+
+MAX_SEED = 2**32 - 1  # numpy's and TensorFlow's seeds are 32-bit
+
+
+def seed(value, key: str, *, optional: bool = False):
+    """A random seed: an integer in 0..2**32-1 (numpy and TensorFlow refuse anything else, mid-run)."""
+    return number(value, key, integer=True, low=0, high=MAX_SEED, optional=optional)
+
+
+def image_shape(value, key: str) -> tuple[int, int, int]:
+    """[height, width, channels]: three positive integers, channels 1 (grayscale) or 3 (RGB)."""
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
+    if (items is None or len(items) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items)
+            or items[2] not in (1, 3)):
+        shown = items if items is not None else value
+        raise ConfigError(f"{key}={shown!r} must be [height, width, channels]: three positive integers, channels "
+                          "1 (grayscale) or 3 (RGB).")
+    return tuple(items)
+
+
+def mapping(value, key: str, what: str = "a mapping of keys to values") -> None:
+    """A section that holds keys (a YAML mapping), e.g. `sweep:` in a sweep file."""
+    if not isinstance(value, (dict, DictConfig)):
+        raise ConfigError(f"{key}={_shown(value)} must be {what}.")
+
+
+def overrides(value, key: str) -> None:
+    """A list of override strings, e.g. a sweep file's `overrides:` (one string, such as train.epochs=1, per item)."""
+    if not isinstance(value, (list, tuple, ListConfig)):
+        raise ConfigError(f"{key}={_shown(value)} must be a list of overrides (strings such as train.epochs=1).")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{key}.{i}={_shown(item)} must be a string (an override such as train.epochs=1).")
+
+
+def text(value, key: str, *, optional: bool = False):
+    """A string (None passes when optional)."""
+    if optional and value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}={_shown(value)} must be a string.")
+    return value
+
+
+def _shown(value) -> str:
+    return repr(OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value)

@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from cnnexp import CONF_DIR, checks
-from cnnexp.data.raw import smallest_limit
+from cnnexp.data.options import validate_dataset_config
 from cnnexp.errors import ConfigError
-from cnnexp.train.options import validate_train_config
+from cnnexp.train.options import validate_augment_size, validate_train_config
 
 # Command-line knobs that are deliberately not keys of the primary config, so that the
 # spelling `+kernel=7` works (Hydra refuses '+' for a key that already exists).
@@ -92,6 +92,9 @@ def _hydra_error(err: Exception, overrides: list[str]) -> str:
         key = text.partition("=")[0]
         if key in SHORTCUTS:  # `kernel=7`: the shortcuts are not config keys, so Hydra needs '+'
             return f"{key} is a shortcut, not a config key: write +{text} ({first})"
+        if key.startswith("+") and not key.startswith("++") and f"'{key[1:]}'" in first:
+            # `+tracking.timeout=5`: '+' adds a key the config lacks; this one is there already
+            return f"{key[1:]} is a config key already: write {text[1:]} without '+' ({first})"
     return first
 
 
@@ -133,21 +136,21 @@ def validate_config(cfg: DictConfig) -> None:
             if "." not in key or key.rsplit(".", 1)[0] in known[section]:
                 _unknown(f"{section}.{key}", {f"{section}.{k}" for k in known[section]})
     validate_train_config(cfg.train)
-    validate_dataset_limits(cfg.dataset, float(cfg.train.val_fraction))
+    validate_dataset_config(cfg.dataset, float(cfg.train.val_fraction))
+    validate_augment_size(cfg.train.augment, cfg.dataset.input_shape)  # a shift must fit the images
+    validate_tracking_config(cfg.tracking)
 
 
-def validate_dataset_limits(dataset_cfg, val_fraction: float) -> None:
-    """Subset sizes: whole numbers, and (when the class count is known) enough for every class to train and validate."""
-    for key in ("train_limit", "test_limit", "eval_limit"):
-        checks.number(dataset_cfg.get(key), f"dataset.{key}", integer=True, low=1, optional=True)
-    classes, limit = dataset_cfg.get("num_classes"), dataset_cfg.get("train_limit")
-    if classes and limit is not None:
-        smallest = smallest_limit(int(classes), val_fraction, dataset_cfg.get("eval_limit") is not None)
-        if limit < smallest:
-            raise ConfigError(f"dataset.train_limit={limit} can't give each of the {classes} classes a training image"
-                              + ("" if dataset_cfg.get("eval_limit") is not None else
-                                 f" and a validation image (train.val_fraction={val_fraction})")
-                              + f": the smallest dataset.train_limit that works is {smallest}.")
+def validate_tracking_config(tracking_cfg) -> None:
+    """The `tracking` section: MLflow's store, experiment, and what is logged."""
+    checks.flag(tracking_cfg.get("enabled"), "tracking.enabled")
+    checks.text(tracking_cfg.get("uri"), "tracking.uri", optional=not tracking_cfg.get("enabled"))
+    checks.text(tracking_cfg.get("artifact_root"), "tracking.artifact_root", optional=True)
+    if not checks.text(tracking_cfg.get("experiment"), "tracking.experiment"):
+        raise ConfigError("tracking.experiment='' must name an MLflow experiment, e.g. cnnexp.")
+    checks.flag(tracking_cfg.get("log_model"), "tracking.log_model")
+    checks.number(tracking_cfg.get("timeout"), "tracking.timeout", low=0, low_open=True, high=3600)
+    checks.flag(tracking_cfg.get("telemetry"), "tracking.telemetry")
 
 
 def _unknown(key: str, choices: set[str], extra: str = "") -> None:

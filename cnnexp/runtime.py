@@ -10,8 +10,11 @@ import subprocess
 import sys
 import tempfile
 from functools import cache
+from pathlib import Path
 
 from cnnexp import PROJECT_ROOT
+
+TELEMETRY_MARKER = "CNNEXP_MLFLOW_TELEMETRY"  # "config": MLFLOW_DISABLE_TELEMETRY is ours, tracking.telemetry decides
 
 
 def setup_environment() -> None:
@@ -28,6 +31,37 @@ def setup_environment() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # MLflow 3 sends usage telemetry, and writes an installation id to ~/.config/mlflow/telemetry.json, from the
+    # moment it is imported: off unless tracking.telemetry=true (`mlflow_telemetry`). A user's own
+    # MLFLOW_DISABLE_TELEMETRY wins; the marker tells subprocesses (workers, servers) that the value is ours.
+    if "MLFLOW_DISABLE_TELEMETRY" not in os.environ:
+        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+        os.environ[TELEMETRY_MARKER] = "config"
+    # Matplotlib's font cache and config under the project's cache folder, not ~/.cache and ~/.config.
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_dir() / "matplotlib"))
+
+
+def cache_dir() -> Path:
+    """The project's cache folder: $CNNEXP_CACHE_DIR, else ~/.cache/cnnexp (decoded datasets, matplotlib's fonts)."""
+    return Path(os.path.expanduser(os.environ.get("CNNEXP_CACHE_DIR") or "~/.cache/cnnexp"))
+
+
+def mlflow_telemetry(enabled: bool) -> None:
+    """`tracking.telemetry`: turn MLflow's usage telemetry on or off, before or after mlflow is imported.
+
+    MLflow reads MLFLOW_DISABLE_TELEMETRY when it is imported and whenever its telemetry client is set up
+    again; a value the user set in the environment is left alone.
+    """
+    if os.environ.get(TELEMETRY_MARKER) != "config":
+        return
+    value = "false" if enabled else "true"
+    if os.environ.get("MLFLOW_DISABLE_TELEMETRY") == value:
+        return
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = value
+    if "mlflow" in sys.modules:
+        from mlflow.telemetry import set_telemetry_client
+
+        set_telemetry_client()
 
 
 @contextlib.contextmanager
@@ -106,8 +140,8 @@ def has_gpu() -> bool:
 
 
 def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
@@ -116,8 +150,8 @@ def cpu_name() -> str:
 @cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (/proc/cpuinfo), e.g. avx2, avx512_bf16, amx_bf16."""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
             if line.startswith("flags"):
                 return frozenset(line.split(":", 1)[1].split())
     return frozenset()

@@ -168,7 +168,7 @@ def _advisory_lock(url: str, name: str):
 def sqlite_tables(path: Path) -> tuple[str, set[str]]:
     """(SQLite's quick_check, the tables) of a database file, opened read-only: a damaged file is never written."""
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)) as db:
             problem = db.execute("PRAGMA quick_check").fetchone()[0]
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as err:

@@ -103,7 +103,7 @@ def test_hydra_errors_are_one_config_error_line_naming_the_fix():
         ("train.label_smoothing=nan", r"train.label_smoothing=nan must be a finite number"),
         ("train.weight_decay=-1", r"train.weight_decay=-1 must be >= 0"),
         ("train.nesterov=1", r"train.nesterov=1 must be true or false"),
-        ("train.augment.translate=40", r"train.augment.translate=40 must be <= 16"),
+        ("train.augment.translate=40", r"train.augment.translate=40 must be < 32, the smaller side"),
         ("train.augment.flip=maybe", r"train.augment.flip='maybe' must be true or false"),
         ("train.batch_size=abc", r"train.batch_size='abc' must be an integer"),
         ("train.lr=0", r"train.lr=0 must be > 0"),

@@ -584,3 +584,378 @@ def test_the_report_reads_a_read_only_study_writes_only_where_told_and_never_to_
         args = ["nosuch", "--storage", storage] if missing == "nosuch" else ["tiny", "--storage", missing]
         one_line_error(run_cli("cnnexp.report", *args, cwd=tmp_path))
     assert not (tmp_path / "typo").exists() and not (tmp_path / "outputs").exists()
+
+
+# --- 6. every value checked, one line naming the key and the value, before anything is created ----------------------
+
+MNIST_T10K = CIFAR_JPEG.parent / "mnist-t10k"
+needs_mnist = pytest.mark.skipif(not MNIST_T10K.exists(), reason=f"{MNIST_T10K} is not there")
+# A few hundred real digits, one epoch: seconds on 2 cores.
+TINY_MNIST = ["dataset=mnist", f"dataset.path={MNIST_T10K}", "model=mnist_cnn", "dataset.train_limit=200",
+              "dataset.test_limit=100", "train.epochs=1"]
+FOLDER_HERE = ["dataset=folder", "dataset.path=."]  # config checks come before the folder is looked at
+
+
+def main_error(main, argv: list[str], capsys, *wanted: str) -> str:
+    """A CLI's main(argv) in this process: exit 2, one `error:` line naming what is wrong, no traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, err[-3000:])
+    for text in wanted:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(("args", "wanted"), [
+    (["dataset.input_shape=[a,32,3]"], "dataset.input_shape=['a', 32, 3] must be [height, width, channels]"),
+    (["dataset.input_shape=[32,32]"], "dataset.input_shape=[32, 32] must be [height, width, channels]"),
+    (["dataset.input_shape=[32,32,2]"], "channels 1 (grayscale) or 3 (RGB)"),
+    (["dataset.subset_seed=-1"], "dataset.subset_seed=-1 must be >= 0"),
+    (["dataset.subset_seed=4294967296"], "dataset.subset_seed=4294967296 must be <= 4294967295"),
+    ([*FOLDER_HERE, "dataset.test_fraction=abc"], "dataset.test_fraction='abc' must be a number"),
+    ([*FOLDER_HERE, "dataset.test_fraction=0"], "dataset.test_fraction=0 must be > 0"),
+    (["train.seed=4294967296"], "train.seed=4294967296 must be <= 4294967295"),
+    (["train.data_seed=-1"], "train.data_seed=-1 must be >= 0"),
+    ([*FOLDER_HERE, "dataset.input_shape=[8,8,3]", "train.augment.translate=10"],
+     "train.augment.translate=10 must be < 8, the smaller side of the 8x8 images"),
+    (["tracking.timeout=0"], "tracking.timeout=0 must be > 0"),
+    (["tracking.telemetry=maybe"], "tracking.telemetry='maybe' must be true or false"),
+    (["kernel=7"], "kernel is a shortcut, not a config key: write +kernel=7"),
+    (["dataset=nosuch"], "available options in 'dataset': cifar10, fashion_mnist, folder, mnist"),
+    (["+width=0.5", "+width=0.25"], "width is given twice"),
+    (["+tracking.timeout=5"], "tracking.timeout is a config key already: write tracking.timeout=5 without '+'"),
+])
+def test_a_bad_value_for_a_run_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, wanted):
+    from cnnexp import run
+
+    monkeypatch.chdir(tmp_path)
+    main_error(run.main, args, capsys, wanted)
+    assert files_under(tmp_path) == set()  # no outputs/runs/<time>, no mlflow.db
+
+
+@pytest.mark.parametrize(("args", "wanted"), [
+    (["kernel=7"], "write +kernel=7"),
+    (["dataset=nosuch"], "available options in 'dataset'"),
+    (["+tracking.timeout=5"], "write tracking.timeout=5 without '+'"),
+    (["dataset.subset_seed=-1"], "dataset.subset_seed=-1 must be >= 0"),
+    (["train.augment.translate=32"], "train.augment.translate=32 must be < 32"),
+])
+def test_a_bad_value_for_a_sweep_is_one_line_and_creates_no_study(tmp_path, monkeypatch, capsys, args, wanted):
+    from cnnexp import sweep
+
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"})
+    main_error(sweep.main, ["--sweep", str(path), *args], capsys, wanted)
+    assert files_under(tmp_path) == {path.name}
+
+
+@pytest.mark.parametrize(("text", "wanted"), [
+    ("sweep: 5\nparams: {kernel: choice(3,5)}\n", "sweep=5 must be a mapping"),
+    ("answers: 5\nparams: {kernel: choice(3,5)}\n", "answers=5 must be a mapping"),
+    ("design: [1, 2]\n", "design=[1, 2] must be a mapping"),
+    ("params: [kernel]\n", "params=['kernel'] must be a mapping"),
+    ("overrides: 5\nparams: {kernel: choice(3,5)}\n", "overrides=5 must be a list of overrides"),
+    ("overrides: train.epochs=1\nparams: {kernel: choice(3,5)}\n", "overrides='train.epochs=1' must be a list"),
+    ("overrides: [{a: 1}]\nparams: {kernel: choice(3,5)}\n", "overrides.0={'a': 1} must be a string"),
+    ("description: [1]\nparams: {kernel: choice(3,5)}\n", "description=[1] must be a string"),
+    ("sweep: {sampler: 5}\nparams: {kernel: choice(3,5)}\n", "sweep.sampler=5 must be a mapping"),
+    ("sweep: {pruner: null}\nparams: {kernel: choice(3,5)}\n", "sweep.pruner=None must be a mapping"),
+    ("sweep: {constraints: 5}\nparams: {kernel: choice(3,5)}\n", "sweep.constraints=5 must be a list"),
+    ("design: {seeds: 2, baseline: {kernel: 3}, vary: 5}\n", "design.vary=5 must be a mapping"),
+    ("design: {seeds: 2, baseline: {kernel: 3}, vary: {kernel: [3, 5]}, arms: {x: 5}}\n",
+     "design.arms.x=5 must be a list of overrides"),
+    ("swep: {n_trials: 2}\nparams: {kernel: choice(3,5)}\n", "unknown section 'swep'"),
+    ("[1, 2]\n", "is not a sweep file (it holds a list)"),
+    ("5\n", "is not a sweep file"),
+    ("sweep: [1,\n", "is not a sweep file (while parsing"),
+    ("sweep: !!python/object/apply:os.system ['touch RAN']\n", "is not a sweep file (could not determine a constructor"),
+])
+def test_every_section_of_a_sweep_file_has_its_type_checked_in_one_line(tmp_path, monkeypatch, capsys, text, wanted):
+    from cnnexp import sweep
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text(text)
+    main_error(sweep.main, ["--sweep", "bad.yaml"], capsys, "bad.yaml", wanted)
+    assert files_under(tmp_path) == {"bad.yaml"}
+
+
+def _npz(path: Path, x_train_header: dict) -> Path:
+    """An mnist.npz whose x_train.npy member has this header (and 1 KB of data); the other members are real."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, x_train_header)
+    members = {"y_train": np.zeros(10, np.uint8), "x_test": np.zeros((10, 28, 28), np.uint8),
+               "y_test": np.zeros(10, np.uint8)}
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x_train.npy", header.getvalue() + bytes(1024))
+        for name, array in members.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            archive.writestr(f"{name}.npy", buffer.getvalue())
+    return path
+
+
+@pytest.mark.parametrize(("header", "wanted"), [
+    ({"descr": "|u1", "fortran_order": False, "shape": (1_000_000_000, 28, 28)},  # 730 GiB declared
+     "x_train declares 1000000000x28x28 uint8 = 784,000,000,000 bytes, more than an array here may hold"),
+    ({"descr": "|O", "fortran_order": False, "shape": (10, 28, 28)}, "x_train holds object values"),
+])
+def test_an_npz_member_is_checked_from_its_header_before_any_data_is_read(tmp_path, monkeypatch, capsys, header,
+                                                                          wanted):
+    from cnnexp import run
+
+    monkeypatch.chdir(tmp_path)
+    npz = _npz(tmp_path / "mnist.npz", header)
+    main_error(run.main, ["dataset=mnist", f"dataset.path={npz}", "model=mnist_cnn", "tracking=off"], capsys,
+               f"{npz}:", wanted)
+    assert files_under(tmp_path) == {"mnist.npz"}
+
+
+def test_a_test_fraction_that_leaves_no_test_image_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    from cnnexp import run
+
+    tree = _tree(tmp_path / "pets")  # 8 images: 1% of them rounds to none
+    monkeypatch.chdir(tmp_path)
+    main_error(run.main, ["dataset=folder", f"dataset.path={tree}", "dataset.input_shape=[8,8,3]",
+                          "dataset.test_fraction=0.01", "tracking=off"], capsys,
+               "dataset.test_fraction=0.01 of the 8 images in", "leaves no test image")
+    assert not (tmp_path / "outputs").exists()
+
+
+def _documented_overrides(readme: str) -> tuple[list[list[str]], set[str], set[str]]:
+    """(the `python -m cnnexp.run` command lines, key=value overrides, keys written with a placeholder value).
+
+    From README.md's code spans and blocks; the security table's values are refused on purpose, so only
+    its keys count there.
+    """
+    import re
+
+    security = readme.index("## Security and failure modes")
+    end = readme.index("\n## ", security + 5)
+    commands, overrides, keys = [], set(), set()
+    for part, values_too in ((readme[:security] + readme[end:], True), (readme[security:end], False)):
+        spans = re.findall(r"```[a-z]*\n(.*?)```", part, flags=re.S)
+        spans += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", part, flags=re.S))
+        for line in (line for span in spans for line in span.splitlines()):
+            command = re.search(r"python -m cnnexp\.run((?: +[^ #;)…]+)+)", line) or re.search(
+                r"make run ARGS='([^']*)'", line)
+            if command and values_too:
+                commands.append(command.group(1).split())
+            for key, value in re.findall(r"(?<![\w.+-])(\+?(?:dataset|model|train|tracking|sweep|answers)"
+                                         r"(?:\.[A-Za-z_0-9]+)+)=([^\s`'\",\]}]+)", line):
+                placeholder = not values_too or value in ("N", "K", "...", "…") or "<" in value
+                (keys if placeholder else overrides).add(key if placeholder else f"{key}={value}")
+    return commands, overrides, keys
+
+
+def test_every_key_the_readme_tells_users_to_type_is_accepted():
+    from cnnexp import PROJECT_ROOT
+    from cnnexp.config import known_keys
+    from cnnexp.study.settings import DEFAULTS
+
+    commands, overrides, keys = _documented_overrides((PROJECT_ROOT / "README.md").read_text())
+    assert len(commands) >= 10 and len(overrides) >= 10, (commands, overrides)  # the extraction still finds them
+    for command in commands:
+        compose_config(command)  # a ConfigError names the key
+    settings = {f"{section}.{key}" for section in ("sweep", "answers") for key in DEFAULTS[section]}
+    for text in sorted(overrides):
+        key = text.partition("=")[0]
+        if key.startswith(("sweep.", "answers.")):
+            assert key in settings, f"README.md tells users to type {text}, which no sweep setting is"
+        else:
+            compose_config([text])
+    known = known_keys()
+    for key in sorted(keys):
+        section, _, rest = key.lstrip("+").partition(".")
+        assert (f"{section}.{rest}" in settings if section in ("sweep", "answers") else rest in known[section]), key
+    assert compose_config(["tracking.timeout=5"]).tracking.timeout == 5  # what store.configure waits for
+
+
+# --- 7. nothing outside the configured folders: HOME keeps only the configured cache ---------------------------------
+
+def _home_env(home: Path) -> dict:
+    """The user's environment with HOME elsewhere and nothing that would hide a write to it (the project's and
+    MLflow's own settings unset; no CI or pytest markers, by which MLflow would turn its telemetry off itself)."""
+    ci = {"PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "BUILDKITE", "DO_NOT_TRACK",
+          "MPLCONFIGDIR", "PYTEST_XDIST_WORKER"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ci and not k.startswith(("MLFLOW_", "CNNEXP_", "KERAS_", "XDG_"))}
+    return {**env, "HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+
+@needs_mnist
+def test_run_sweep_report_and_ui_leave_home_untouched_but_the_configured_cache(tmp_path):
+    import sys
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env = _home_env(home)
+    doc = {"overrides": [*TINY_MNIST, *tracking_overrides(work)], "params": {"kernel": "choice(3)"},
+           "sweep": {"n_trials": 1, "sampler": {"name": "grid"}, "storage": f"sqlite:///{work / 'studies.db'}",
+                     "output_dir": str(work / "out"), "estimate": False, "system_metrics": False}}
+    (work / "tiny.yaml").write_text(yaml.safe_dump(doc))
+    commands = [["cnnexp.run", *TINY_MNIST, *tracking_overrides(work)], ["cnnexp.sweep", "--sweep", "tiny.yaml"],
+                ["cnnexp.report", "tiny", "--storage", f"sqlite:///{work / 'studies.db'}", "--out", str(work / "out")],
+                ["cnnexp.ui", "mlflow-url", "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--study", "tiny"]]
+    for command in commands:
+        proc = subprocess.run([sys.executable, "-m", *command], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+    written = files_under(home)
+    # The decode cache and matplotlib's font cache under ~/.cache/cnnexp; Keras' own config in ~/.keras, the
+    # documented Keras folder ($KERAS_HOME), which Keras writes when it is imported. Nothing else: no
+    # ~/.config/mlflow/telemetry.json, no ~/.cache/matplotlib or ~/.config/matplotlib.
+    assert {p for p in written if not p.startswith(".cache/cnnexp")} <= {".cache", ".keras", ".keras/keras.json"}, written
+    assert any(p.startswith(".cache/cnnexp/matplotlib/fontlist") for p in written), written  # the report drew plots
+
+
+def test_mlflow_telemetry_is_off_unless_tracking_telemetry_turns_it_on(tmp_path, monkeypatch):
+    from cnnexp import runtime
+    from cnnexp.tracking import store
+
+    for key in ("MLFLOW_DISABLE_TELEMETRY", runtime.TELEMETRY_MARKER):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///unused.db")  # restored after: MLflow sets it when pointed
+    runtime.setup_environment()
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"  # set before any entry point imports mlflow
+    assert compose_config().tracking.telemetry is False
+    store.configure(compose_config([*tracking_overrides(tmp_path), "tracking.telemetry=true"]).tracking)
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"  # on, for this process and the workers it starts
+    runtime.mlflow_telemetry(False)
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    monkeypatch.delenv(runtime.TELEMETRY_MARKER)  # the user's own MLFLOW_DISABLE_TELEMETRY=true wins
+    runtime.setup_environment()
+    runtime.mlflow_telemetry(True)
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+# --- 8. the UI: names, YAML, unreachable stores, ports in use, another tool's file --------------------------------------
+
+@pytest.mark.parametrize(("args", "wanted"), [
+    (["mlflow-url", "--study", "tiny'x"], """--study="tiny'x" may hold only letters, digits"""),
+    (["dashboard", "--study", "a b"], "--study='a b' may hold only letters, digits"),
+    (["mlflow-url", "--sweep", "list.yaml"], "list.yaml=[1, 2] must be a mapping of sections"),
+    (["mlflow-url", "--sweep", "scalar.yaml"], "scalar.yaml=5 must be a mapping of sections"),
+    (["mlflow-url", "--sweep", "bad.yaml"], "bad.yaml is not a readable sweep file (while parsing"),
+    (["mlflow-url", "--sweep", "code.yaml"], "code.yaml is not a readable sweep file (could not determine a constructor"),
+    (["mlflow-url", "--sweep", "sweep5.yaml"], "sweep5.yaml: sweep=5 must be a mapping of settings"),
+    (["mlflow", "--sweep", "name.yaml"], "sweep.study_name=\"x'\" may hold only letters"),
+    (["mlflow", "--port", "0"], "--port 0 must be in 1..65535"),
+    (["dashboard", "--port", "70000"], "--port 70000 must be in 1..65535"),
+])
+def test_ui_arguments_are_one_line_and_run_no_code(tmp_path, monkeypatch, capsys, args, wanted):
+    from cnnexp import ui
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store: ./mlflow.db, not there
+    files = {"list.yaml": "[1, 2]\n", "scalar.yaml": "5\n", "bad.yaml": "sweep: [1,\n", "sweep5.yaml": "sweep: 5\n",
+             "code.yaml": "sweep: !!python/object/apply:os.system ['touch RAN']\n",
+             "name.yaml": "sweep: {study_name: \"x'\"}\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    if args[0] == "dashboard":
+        optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+        files["studies.db"] = ""
+    main_error(ui.main, args, capsys, wanted)
+    assert files_under(tmp_path) == set(files)  # no RAN, no mlflow.db
+
+
+def test_mlflow_url_on_a_server_that_does_not_answer_says_so_within_seconds(tmp_path, monkeypatch, capsys):
+    import time
+
+    from cnnexp import ui
+
+    monkeypatch.chdir(tmp_path)
+    began = time.monotonic()
+    main_error(ui.main, ["mlflow-url", "--tracking-uri", "http://127.0.0.1:1"], capsys,
+               "the MLflow server http://127.0.0.1:1 does not answer (Connection refused")
+    assert time.monotonic() - began < 10  # MLflow's own retries took over a minute
+    assert files_under(tmp_path) == set()
+
+
+@pytest.mark.parametrize("command", ["mlflow", "dashboard"])
+def test_a_port_in_use_is_one_line_and_no_server_starts(tmp_path, monkeypatch, capsys, command):
+    import socket
+
+    from cnnexp import ui
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+
+    def no_server(*args, **kwargs):
+        raise AssertionError(f"a server was started: {args}")
+
+    monkeypatch.setattr(ui.subprocess, "Popen", no_server)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        main_error(ui.main, [command, "--port", str(port)], capsys, f"--port {port}: 127.0.0.1:{port} is in use")
+    assert files_under(tmp_path) == {"studies.db"}
+
+
+def test_a_server_that_exits_on_its_own_is_one_error_line(capsys):
+    import sys
+
+    from cnnexp import ui
+
+    assert ui.serve([sys.executable, "-c", "raise SystemExit(0)"], 5999) == 2  # mlflow ui exits 0 on a port in use
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "exited on its own (exit code 0) instead of serving" in err, err
+
+
+def _study_parent(uri: str, name: str) -> None:
+    """An MLflow store holding one study's parent run, as a sweep leaves it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("cnnexp")
+    client.create_run(experiment, run_name=f"study {name}", tags={"cnnexp.role": "study", "cnnexp.study": name})
+
+
+def test_a_study_name_is_never_pasted_into_an_mlflow_filter(tmp_path):
+    from cnnexp.errors import StorageError
+    from cnnexp.tracking import views
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _study_parent(uri, "tiny")
+    assert views.study_runs_url(uri, "http://ui", "tiny")[0] == "tiny"
+    with pytest.raises(StorageError, match="no study .* in the MLflow store"):
+        views.study_runs_url(uri, "http://ui", "x' OR tags.`cnnexp.study` != '")
+
+
+def test_an_optuna_storage_named_as_the_mlflow_store_is_never_written_to(tmp_path, monkeypatch, capsys):
+    from cnnexp import ui
+
+    monkeypatch.chdir(tmp_path)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    before = hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///studies.db")
+    for command in ("mlflow-url", "mlflow"):
+        main_error(ui.main, [command], capsys, "studies.db is an Optuna study storage, not an MLflow store")
+    assert hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest() == before
+    assert files_under(tmp_path) == {"studies.db"}
+
+
+@needs_mnist
+def test_a_run_whose_mlflow_store_is_an_optuna_storage_trains_with_one_warning(tmp_path, monkeypatch, capsys):
+    from cnnexp import run
+
+    monkeypatch.chdir(tmp_path)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    before = hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///studies.db")
+    assert run.main(TINY_MNIST) == 0  # tracking never decides whether training happens
+    out, err = capsys.readouterr()
+    said = [line for line in err.splitlines() if "MLflow" in line]
+    assert len(said) == 1 and "is an Optuna study storage, not an MLflow store" in said[0], err[-3000:]
+    assert "test accuracy:" in out and "Traceback" not in err
+    assert hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest() == before

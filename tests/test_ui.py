@@ -209,7 +209,7 @@ def test_make_ui_prints_the_study_url_first(tiny_study):
         assert done.stdout.splitlines()[0] == f"Runs of study 'tiny', best first: {s.study.user_attrs['mlflow_ui_url']}"
     done = run_cli("cnnexp.ui", "mlflow-url", "--tracking-uri", f"sqlite:///{s.root / 'mlflow.db'}",
                    "--study", "nope", cwd=s.root)
-    assert done.returncode == 0 and "no study 'nope' in the MLflow store" in done.stdout
+    assert done.returncode == 2 and done.stderr.startswith("error: no study 'nope' in the MLflow store"), done.stderr
 
 
 def test_the_dashboard_shows_the_study_and_its_metric(tiny_study, dashboard, chromium, tmp_path):

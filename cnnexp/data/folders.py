@@ -172,8 +172,14 @@ def _listing(tree: Tree, test_fraction: float) -> dict[str, np.ndarray]:
     else:
         class_names, all_files, labels = split_of(root)
         labels = np.asarray(labels, np.int32)
+        n_test = int(round(len(labels) * test_fraction))
+        if not 0 < n_test < len(labels):  # evaluation after training would fail on an empty split
+            raise DataError(f"dataset.test_fraction={test_fraction} of the {len(labels)} images in "
+                            f"{tree.where('/'.join(root))} leaves "
+                            f"{'no test' if n_test == 0 else 'no training'} image; change it, or give the tree "
+                            "train/ and test/ folders.")
         is_test = np.zeros(len(labels), bool)
-        is_test[stratified_sample(labels, int(round(len(labels) * test_fraction)), np.random.default_rng(0))] = True
+        is_test[stratified_sample(labels, n_test, np.random.default_rng(0))] = True
         train_files, test_files = ([f for f, t in zip(all_files, is_test) if t == want] for want in (False, True))
         y_train, y_test = labels[~is_test], labels[is_test]
     return {"class_names": np.array(class_names, dtype=str),

@@ -4,7 +4,8 @@ Promises: every reader returns a `RawDataset` or raises one `DataError` naming t
 Refuses: CIFAR-10 batches are pickles, so they are read with an unpickler that can build only
 dicts, lists, ints, bytes and numpy arrays; a batch that asks for any other global (`os.system`,
 `builtins.eval`, ...) is refused before any of it is used, naming the file and the global. Nothing
-here uses pickle's own load functions or lets np.load unpickle.
+here uses pickle's own load functions or lets np.load unpickle. Idx and .npy headers are read before
+any data: a header that declares more than MAX_ARRAY_BYTES (a bomb) is refused, naming the file.
 """
 
 from __future__ import annotations
@@ -116,13 +117,25 @@ def _read_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y.astype(np.int32)
 
 
+# The real MNIST training images are 47 MB: an idx or .npy header asking for more is refused before any data is read.
+MAX_ARRAY_BYTES = 256 << 20
+
+
 def read_mnist_npz(source: Path) -> RawDataset:
-    """mnist.npz with x_train, y_train, x_test, y_test (plain arrays; pickled objects are refused)."""
+    """mnist.npz with x_train, y_train, x_test, y_test (plain arrays; pickled objects are refused).
+
+    Each member's .npy header is read first, never its data: a header that declares more than
+    MAX_ARRAY_BYTES (a bomb: a small file that asks for gigabytes) or an object dtype is refused.
+    """
     if source.is_dir():
         source = source / "mnist.npz"
+    keys = ("x_train", "y_train", "x_test", "y_test")
     try:
+        with zipfile.ZipFile(source) as archive:
+            for key in keys:
+                _check_npy_header(archive, f"{key}.npy", f"{source}:{key}")
         with np.load(source, allow_pickle=False) as z:
-            arrays = {key: z[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+            arrays = {key: z[key] for key in keys}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"{source} is not a readable mnist.npz ({type(err).__name__}: {err}).") from err
     return RawDataset(
@@ -132,7 +145,25 @@ def read_mnist_npz(source: Path) -> RawDataset:
     )
 
 
-MAX_IDX_BYTES = 256 << 20  # the real MNIST training images are 47 MB; a header asking for more is refused
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _check_npy_header(archive: zipfile.ZipFile, member: str, where: str) -> None:
+    """The shape and dtype a .npy member declares, checked against MAX_ARRAY_BYTES before any data is read."""
+    with archive.open(member) as handle:  # KeyError: no such member
+        version = np.lib.format.read_magic(handle)
+        if version not in _NPY_HEADERS:
+            raise DataError(f"{where} is a .npy file of format {version[0]}.{version[1]}; mnist.npz holds 1.0 or 2.0.")
+        shape, _, dtype = _NPY_HEADERS[version](handle)
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise DataError(f"{where} holds {dtype} values; mnist.npz holds plain numbers (an object array would need "
+                        "pickle, which is never used here).")
+    size = math.prod(shape) * dtype.itemsize
+    if size > MAX_ARRAY_BYTES:
+        raise DataError(f"{where} declares {'x'.join(map(str, shape))} {dtype} = {size:,} bytes, more than an array "
+                        f"here may hold ({MAX_ARRAY_BYTES:,}); it is damaged or malicious.")
+
+
 IDX_UBYTE = 0x08
 
 
@@ -140,7 +171,7 @@ def read_idx(path: Path, dims: int) -> np.ndarray:
     """One idx .gz file of unsigned bytes with `dims` dimensions, its header checked before any data is read.
 
     A gzip bomb (a small file inflating to gigabytes) or a damaged header is a DataError: the size
-    the header declares is checked against MAX_IDX_BYTES, and exactly that many bytes are read.
+    the header declares is checked against MAX_ARRAY_BYTES, and exactly that many bytes are read.
     """
     try:
         with gzip.open(path, "rb") as handle:
@@ -150,9 +181,9 @@ def read_idx(path: Path, dims: int) -> np.ndarray:
                                 f"starts {header[:4].hex() or 'empty'}).")
             shape = struct.unpack(f">{dims}I", header[4:])
             size = math.prod(shape)
-            if size > MAX_IDX_BYTES:
+            if size > MAX_ARRAY_BYTES:
                 raise DataError(f"{path} declares {'x'.join(map(str, shape))} = {size:,} bytes, more than an idx "
-                                f"dataset here may hold ({MAX_IDX_BYTES:,}); it is damaged or malicious.")
+                                f"dataset here may hold ({MAX_ARRAY_BYTES:,}); it is damaged or malicious.")
             data = handle.read(size)
     except FileNotFoundError as err:
         raise DataError(f"{path.parent} lacks {path.name}.") from err

@@ -72,8 +72,8 @@ def problem(raw: RawDataset, input_shape: tuple[int, int, int], complete: bool =
             return f"{len(x)} {split} images but {y.dtype} labels of shape {tuple(y.shape)}"
         if len(y) and (y.min() < 0 or y.max() >= len(raw.class_names)):
             return f"{split} labels span {y.min()}..{y.max()} for {len(raw.class_names)} classes"
-    if len(raw.y_train) == 0:
-        return "no training images"
+    if len(raw.y_train) == 0 or len(raw.y_test) == 0:
+        return f"no {'training' if len(raw.y_train) == 0 else 'test'} images"
     if not (raw.x_train.any() or raw.x_test.any()):
         return "every pixel is 0"
     if complete:

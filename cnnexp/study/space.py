@@ -20,7 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cnnexp import PROJECT_ROOT, SWEEPS_DIR
+from cnnexp import PROJECT_ROOT, SWEEPS_DIR, checks
 from cnnexp.config import anchor_paths, check_keys, check_overrides, compose_config, effective_overrides
 from cnnexp.design import TASK, Design, load_design
 from cnnexp.errors import ConfigError
@@ -74,24 +74,51 @@ def sweep_path(name: str) -> Path:
 
 
 def _read(path: Path) -> DictConfig:
+    """The sweep file over the defaults; each section of the right type (a mapping, a list of overrides, a string)."""
     base = OmegaConf.create(DEFAULTS)
     OmegaConf.set_struct(base, True)
     for node in (base.sweep.sampler, base.sweep.pruner, base.params, base.design):
         OmegaConf.set_struct(node, False)
     try:
-        loaded = OmegaConf.load(path)
-        _renamed(loaded, path)
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # plain YAML: no tags, no code
+        why = None if isinstance(loaded, dict) else f"it holds a {type(loaded).__name__}"
+    except Exception as err:  # noqa: BLE001 - YAML's errors (with the line), a scalar, an unreadable file
+        why = " ".join(str(err).split())[:300]
+    if why:
+        raise ConfigError(f"{path} is not a sweep file ({why}): it must be a YAML mapping of sections (sweep:, "
+                          "params: or design:, overrides:, answers:, description:).")
+    loaded = {key: value for key, value in loaded.items() if value is not None}  # `params:` left empty
+    for key in loaded:
+        if key not in DEFAULTS:
+            raise ConfigError(f"{path}: unknown section {key!r}; a sweep file holds {', '.join(DEFAULTS)}.")
+    for section in ("sweep", "answers", "design", "params"):
+        checks.mapping(loaded.get(section, {}), f"{path}: {section}", "a mapping of keys to values")
+    settings, design = loaded.get("sweep", {}), loaded.get("design", {})
+    nested = [(settings, key, dict, False) for key in ("sampler", "pruner")]  # null is no sampler either
+    nested += [(settings, key, list, True) for key in ("objectives", "constraints")]
+    nested += [(design, key, dict, True) for key in ("baseline", "vary", "arms")]
+    for node, key, kind, nullable in nested:
+        value = node.get(key)
+        if key in node and not isinstance(value, kind) and not (nullable and value is None):
+            what = "a mapping" if kind is dict else "a list"
+            raise ConfigError(f"{path}: {'sweep' if node is settings else 'design'}.{key}={value!r} must be {what}.")
+    for arm, overrides in (design.get("arms") or {}).items():
+        checks.overrides(overrides, f"{path}: design.arms.{arm}")
+    checks.overrides(loaded.get("overrides", []), f"{path}: overrides")
+    checks.text(loaded.get("description", ""), f"{path}: description")
+    _renamed(loaded, path)
+    try:
         return OmegaConf.merge(base, loaded)
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - OmegaConf's errors name the key (or the YAML line)
-        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # noqa: BLE001 - OmegaConf's errors name the key
+        key = getattr(err, "full_key", None)
+        why = f"unknown setting {key!r}" if key and "not in struct" in str(err) else str(err).splitlines()[0]
+        raise ConfigError(f"{path}: {why}") from None
 
 
 def _renamed(node, where) -> None:
     for old, new in RENAMED.items():
         section, key = old.split(".")
-        if OmegaConf.is_dict(node) and OmegaConf.is_dict(node.get(section)) and key in node[section]:
+        if isinstance(node.get(section), dict) and key in node[section]:
             raise ConfigError(f"{where}: {old} is now {new} (the same number: the half-width a CI must fit within); "
                               f"rename it.")
 

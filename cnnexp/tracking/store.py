@@ -13,7 +13,7 @@ import os
 import threading
 from pathlib import Path
 
-from cnnexp import stores
+from cnnexp import runtime, stores
 from cnnexp.errors import CnnexpError, TrackingUnavailable
 
 # MLflow 3's UI opens GenAI experiments on traces; this tag marks ours as model training.
@@ -56,6 +56,7 @@ def configure(tracking_cfg) -> str | None:
     """
     if not tracking_cfg.enabled:
         return None
+    runtime.mlflow_telemetry(bool(tracking_cfg.get("telemetry", False)))  # before mlflow is imported, if it isn't yet
     import mlflow
 
     try:
@@ -95,21 +96,30 @@ def configure(tracking_cfg) -> str | None:
 
 
 def check(uri: str) -> stores.Store:
-    """Fail at once, not after minutes of MLflow's retries, on a store we don't know or a SQLite file we can't
-    write or that is not MLflow's (an Optuna studies.db would get MLflow's tables added)."""
+    """Fail at once, not after minutes of MLflow's retries, on a store we don't know or a SQLite file we can't write
+    or that isn't MLflow's.
+
+    MLflow adds its tables to any SQLite file it is pointed at: an Optuna `studies.db` named by mistake
+    (MLFLOW_TRACKING_URI=sqlite:///studies.db) is refused before MLflow touches it.
+    """
     try:
         store = stores.parse(uri, "tracking.uri", stores.MLFLOW)
         path = store.file if store.scheme.name == "sqlite" else None
-        if path is not None:
-            stores.check_writable(path.parent, "tracking.uri")
-            stores.check_sqlite(store, "tracking.uri", stores.MLFLOW)
-            if path.exists():
-                with open(path, "r+b"):
-                    pass
+        if path is None:
+            return store
+        kind = stores.store_kind(path)
+        if kind not in (None, stores.NAMES[stores.MLFLOW]):
+            raise TrackingUnavailable(f"MLflow store {uri}: {path} is {kind}, not an MLflow store; nothing was written "
+                                      "to it. Point tracking.uri (or MLFLOW_TRACKING_URI) at another file")
+        stores.check_writable(path.parent, "tracking.uri")
+        if path.exists():
+            with open(path, "r+b"):
+                pass
+    except TrackingUnavailable:
+        raise
     except (CnnexpError, OSError) as err:
-        raise TrackingUnavailable(f"MLflow store {uri} can't be written or is not MLflow's "
-                                  f"({getattr(err, 'strerror', None) or err}); point tracking.uri (or "
-                                  "MLFLOW_TRACKING_URI) at a writable MLflow store") from err
+        raise TrackingUnavailable(f"MLflow store {uri} can't be written ({getattr(err, 'strerror', None) or err}); "
+                                  "point tracking.uri (or MLFLOW_TRACKING_URI) at a writable file") from err
     return store
 
 

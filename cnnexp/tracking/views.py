@@ -16,17 +16,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import time
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from cnnexp import stores
-from cnnexp.errors import StorageError
+from cnnexp.errors import CnnexpError, StorageError
 from cnnexp.tracking import runs
 from cnnexp.tracking.store import absolute_uri
 
 DEFAULT_MLFLOW_BASE = "http://127.0.0.1:5000"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # MLflow's own prefix; the UI reads it back
 ML_WORKFLOW = {"workflowType": "machine_learning"}  # not a view facet: the shared view still applies
+CONNECT_TIMEOUT = 5  # seconds an MLflow server may take to accept a connection before the UI says it doesn't answer
 
 
 def mlflow_base(tracking_uri: str | None = None) -> str:
@@ -86,10 +88,14 @@ def saved_view(name: str, state: dict) -> str:
 def study_runs_url(tracking_uri: str, base: str, study: str | None = None) -> tuple[str, str]:
     """(study name, URL of its runs) for `study`, else the most recently started study in the store.
 
+    Nothing is written and nothing waits long: a local store must exist and be MLflow's (never an Optuna
+    file, which MLflow would add its tables to), a server must take a connection within CONNECT_TIMEOUT
+    seconds, and the study name is compared in Python, never pasted into MLflow's filter language.
+
     Raises:
-        StorageError: no such store, or no study in it.
+        StorageError: no such store, a store that isn't MLflow's, a server that doesn't answer, or no study in it.
     """
-    uri = absolute_uri(tracking_uri)
+    uri = check_store(tracking_uri)
     store = stores.parse(uri, "--tracking-uri", stores.MLFLOW)
     path = store.file if store.scheme.name == "sqlite" else None
     if path is not None and not path.exists():
@@ -97,9 +103,9 @@ def study_runs_url(tracking_uri: str, base: str, study: str | None = None) -> tu
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    wanted = "tags.`cnnexp.role` = 'study'" + (f" and tags.`cnnexp.study` = '{study}'" if study else "")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(experiments, wanted, order_by=["attributes.start_time DESC"], max_results=1)
+    parents = client.search_runs(experiments, "tags.`cnnexp.role` = 'study'", order_by=["attributes.start_time DESC"])
+    found = [run for run in parents if study is None or run.data.tags.get("cnnexp.study") == study]
     if not found:
         which = f"study {study!r}" if study else "study"
         raise StorageError(f"no {which} in the MLflow store {tracking_uri}; run `make sweep` first.")
@@ -110,6 +116,36 @@ def study_runs_url(tracking_uri: str, base: str, study: str | None = None) -> tu
     params = parent.data.params
     return name, filtered_runs_url(base, experiment_id, parent.info.run_id, params.get("metric", "val_accuracy"),
                                    params.get("direction", "maximize"))
+
+
+def check_store(tracking_uri: str) -> str:
+    """The store's absolute URI, once read-only checks pass: a SQLite file there is MLflow's, a server answers.
+
+    Raises:
+        StorageError: an Optuna study storage or another database named as the MLflow store (MLflow would add its
+            tables to it), or a server that does not accept a connection within CONNECT_TIMEOUT seconds.
+    """
+    try:
+        store = stores.parse(absolute_uri(tracking_uri), "--tracking-uri", stores.MLFLOW)
+    except CnnexpError as err:
+        raise StorageError(str(err)) from None
+    uri = store.url
+    path = store.file if store.scheme.name == "sqlite" else None
+    kind = stores.store_kind(path) if path is not None else None
+    if kind not in (None, "an MLflow store"):
+        raise StorageError(f"{path} is {kind}, not an MLflow store (tracking URI {tracking_uri}); give --tracking-uri "
+                           "the runs' store, e.g. sqlite:///mlflow.db.")
+    if store.scheme.name == "http":
+        url = urlsplit(uri)
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            with socket.create_connection((url.hostname or "", port), timeout=CONNECT_TIMEOUT):
+                pass
+        except (OSError, ValueError) as err:
+            why = getattr(err, "strerror", None) or err
+            raise StorageError(f"the MLflow server {tracking_uri} does not answer ({why}, within {CONNECT_TIMEOUT} s); "
+                               "start it (make mlflow-server) or give --tracking-uri another store.") from None
+    return uri
 
 
 def dashboard_target(storage: str, study: str | None = None) -> tuple[str, int, str]:
@@ -124,6 +160,10 @@ def dashboard_target(storage: str, study: str | None = None) -> tuple[str, int, 
     path = store.file
     if path is not None and not path.exists():
         raise StorageError(f"no study storage at {path} yet; run `make sweep` first (STORAGE={storage}).")
+    kind = stores.store_kind(path) if path is not None and store.scheme.name == "sqlite" else None
+    if kind not in (None, "an Optuna study storage"):
+        raise StorageError(f"{path} is {kind}, not an Optuna study storage (STORAGE={storage}); give --storage the "
+                           "studies' file, e.g. sqlite:///studies.db.")
     try:
         if store.scheme.optuna == "journal":
             backend = optuna.storages.journal.JournalFileBackend(str(path))

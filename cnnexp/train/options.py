@@ -48,8 +48,8 @@ def validate_train_config(train_cfg) -> None:
     number("batch_size", integer=True, low=1)
     number("epochs", integer=True, low=1)
     number("val_fraction", low=0, high=1, high_open=True)
-    number("seed", integer=True, low=0)
-    number("data_seed", integer=True, low=0, optional=True)
+    checks.seed(train_cfg.get("seed"), "train.seed")
+    checks.seed(train_cfg.get("data_seed"), "train.data_seed", optional=True)
     number("verbose", integer=True, low=0, high=2)
     number("weight_decay", low=0, optional=True)
     number("label_smoothing", low=0, high=1, high_open=True)
@@ -81,8 +81,17 @@ def _validate_schedule(schedule) -> None:
 
 def _validate_augment(augment) -> None:
     checks.flag(augment.get("flip"), "train.augment.flip")
-    checks.number(augment.get("translate"), "train.augment.translate", integer=True, low=0, high=16)
+    checks.number(augment.get("translate"), "train.augment.translate", integer=True, low=0)
     checks.flag(augment.get("tta_flip"), "train.augment.tta_flip")
+
+
+def validate_augment_size(augment, image_shape) -> None:
+    """A shift is a crop of the image padded by reflection, which needs fewer pixels of padding than the image has."""
+    side = min(int(image_shape[0]), int(image_shape[1]))
+    if augment.translate >= side:
+        raise ConfigError(f"train.augment.translate={augment.translate} must be < {side}, the smaller side of the "
+                          f"{image_shape[0]}x{image_shape[1]} images (dataset.input_shape): reflection padding needs "
+                          "fewer pixels than the image has.")
 
 
 def is_constant_schedule(train_cfg) -> bool:
