@@ -26,7 +26,7 @@ def setup_environment() -> None:
     # TensorFlow's C++ logging is configured from the environment when it is first imported.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # TensorFlow when it is installed, else JAX (GPU machines often have JAX only); KERAS_BACKEND wins.
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow" if importlib.util.find_spec("tensorflow") else "jax")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow" if tensorflow_installed() else "jax")
     # MLflow retries an unreachable server for minutes by default; a sweep should warn and go on.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -62,6 +62,11 @@ def mlflow_telemetry(enabled: bool) -> None:
         from mlflow.telemetry import set_telemetry_client
 
         set_telemetry_client()
+
+
+def tensorflow_installed() -> bool:
+    """Whether TensorFlow can be imported here (found, not imported)."""
+    return importlib.util.find_spec("tensorflow") is not None
 
 
 @contextlib.contextmanager

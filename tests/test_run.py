@@ -112,19 +112,6 @@ def test_bad_training_option_names_the_key():
         compose_config(["train.precision=fp8"])
 
 
-def test_the_pipeline_runs_on_the_jax_backend(tmp_path, cifar_jpeg):
-    pytest.importorskip("jax")
-    overrides = [*folder_overrides(cifar_jpeg, train_limit=1000, test_limit=300), "+width=0.25",
-                 "train.verbose=0", "train.optimizer=adam", *tracking_overrides(tmp_path, log_model=True)]
-    proc = run_cli("cnnexp.run", *overrides, cwd=tmp_path, env={"KERAS_BACKEND": "jax"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (r,) = client.search_runs([client.get_experiment_by_name("cnnexp").experiment_id])
-    assert r.info.status == "FINISHED" and r.data.tags["cnnexp.keras_backend"] == "jax"
-    assert r.data.metrics["final/test_accuracy"] > 0.15
-    assert len(client.get_metric_history(r.info.run_id, "val_accuracy")) == 2
-
-
 def test_adam_alone_gets_adams_learning_rate_and_trains_well(tmp_path, cifar_jpeg):
     """`train.optimizer=adam` used to keep SGD's lr=0.01: loss 1573, 10% accuracy, FINISHED, no warning."""
     overrides = [*folder_overrides(cifar_jpeg, train_limit=3000, test_limit=1000), "+kernel=5", "+width=0.25",
@@ -208,14 +195,18 @@ def test_epochs_can_be_chunks_of_an_endless_stream(cifar_jpeg):
     assert result.metrics["test_accuracy"] > 0.13
 
 
-@pytest.mark.parametrize(("flags", "gpu", "expected"), [
-    (set(), False, "float32"), ({"avx2", "fma"}, False, "float32"), ({"avx512_bf16"}, False, "mixed_bfloat16"),
-    ({"amx_bf16"}, False, "mixed_bfloat16"), (set(), True, "mixed_bfloat16"),
+@pytest.mark.parametrize(("flags", "gpu", "expected", "steps"), [
+    (set(), False, "float32", 1), ({"avx2", "fma"}, False, "float32", 1), ({"avx512_bf16"}, False, "mixed_bfloat16", 1),
+    ({"amx_bf16"}, False, "mixed_bfloat16", 1), (set(), True, "mixed_bfloat16", 16),
 ])
-def test_precision_auto_uses_bfloat16_only_where_the_hardware_does_it(monkeypatch, flags, gpu, expected):
+def test_auto_speed_options_use_bfloat16_where_the_hardware_does_it_and_more_steps_per_call_on_a_gpu(
+        monkeypatch, flags, gpu, expected, steps):
+    """The GPU is faked here (there is none); tests/test_jax.py shows both on the JAX backend with a JAX GPU."""
     from cnnexp import runtime
-    from cnnexp.train.options import resolve_precision
+    from cnnexp.train.options import resolve_precision, steps_per_execution
 
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(runtime, "has_gpu", lambda: gpu)
-    assert resolve_precision(compose_config().train) == expected
+    train = compose_config().train
+    assert (resolve_precision(train), steps_per_execution(train)) == (expected, steps)
+    assert steps_per_execution(compose_config(["train.steps_per_execution=4"]).train) == 4  # a number is taken as is

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -223,7 +224,10 @@ class Run:
         from mlflow.entities import RunTag
 
         self._ended = True
-        tags = {"error": error[:5000] if error else None, f"{TAG_PREFIX}tracking_error": self._broken}
+        # Whether this process had TensorFlow loaded when the run ended: 'false' on the JAX path without it
+        # (KERAS_BACKEND=jax, train.pipeline=numpy). Where TensorFlow is installed, Keras loads it on any backend.
+        tags = {"error": error[:5000] if error else None, f"{TAG_PREFIX}tracking_error": self._broken,
+                f"{TAG_PREFIX}tensorflow_loaded": str("tensorflow" in sys.modules).lower()}
         items = [RunTag(k, str(v)) for k, v in tags.items() if v]
         try:
             if items:

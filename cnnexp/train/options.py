@@ -61,6 +61,9 @@ def validate_train_config(train_cfg) -> None:
     if train_cfg.get("steps_per_execution") != "auto":
         number("steps_per_execution", integer=True, low=1)
     checks.choice(train_cfg.get("pipeline"), "train.pipeline", PIPELINES)
+    if train_cfg.pipeline == "tf_data" and not runtime.tensorflow_installed():
+        raise ConfigError("train.pipeline=tf_data needs TensorFlow, which is not installed here: set "
+                          "train.pipeline=numpy (the JAX path, augmented per image in NumPy).")
     if train_cfg.get("images_per_epoch") is not None:
         number("images_per_epoch", integer=True, low=int(train_cfg.batch_size))
         if train_cfg.pipeline != "tf_data":
