@@ -1,5 +1,6 @@
 """Designed studies and budgets: the cells, the plan printed before training, resumes that keep it."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -132,8 +133,11 @@ def test_a_designed_study_looks_after_each_round_and_adds_seeds_where_an_answer_
     doc = {"overrides": ["dataset=folder", f"dataset.path={cifar_jpeg}", "dataset.test_limit=300",
                          "dataset.eval_limit=500", "train.epochs=2", "+width=0.125", "train.optimizer=adam",
                          *tracking_overrides(tmp_path)],
-           "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}, "main": "cifar10",
-                      "epochs": [2]},
+           # A question made up here, in the sweep file alone: the study and its report need nothing else.
+           "design": {"seeds": 2, "baseline": {"kernel": 3, "train.lr": 0.001}, "main": "cifar10", "epochs": [2],
+                      "vary": {"kernel": [3, 5], "train.lr": [0.001, 0.003]},
+                      "questions": {"train.lr": {"number": "5", "label": "Learning rate (made up)",
+                                                 "note": "A question no code knows."}}},
            "answers": {"margin": 0.001, "looks": 2, "confirm": False},  # no tiny study settles that: a 2nd round
            "sweep": {"budget": "100s", "storage": f"sqlite:///{tmp_path / 's.db'}", "output_dir": str(tmp_path / "out"),
                      "estimate": False, "system_metrics": False, "log_models": "none"}}
@@ -153,5 +157,44 @@ def test_a_designed_study_looks_after_each_round_and_adds_seeds_where_an_answer_
 
     assert finish(s, study) == 0
     effects = pd.read_csv(tmp_path / "out" / "rounds" / "effects.csv")
-    assert {"kernel", "train.epochs"} <= set(effects["parameter"])
-    assert "Looks (each with its share of the error rate)" in (tmp_path / "out" / "rounds" / "summary.md").read_text()
+    assert {"kernel", "train.lr", "train.epochs"} <= set(effects["parameter"])
+    assert "5 Learning rate (made up)" in set(effects["question"])
+    summary = (tmp_path / "out" / "rounds" / "summary.md").read_text()
+    assert "**5 Learning rate (made up)** (`train.lr`" in summary and "A question no code knows." in summary
+    assert "Looks (each with its share of the error rate)" in summary
+
+
+def test_a_process_competing_for_a_core_during_the_timing_does_not_move_the_rung(tmp_path, cifar_jpeg, capsys):
+    """Real timings of the default study's quarter-width model, alone and beside a process that keeps one of the two
+    cores busy: the rung is chosen on the work (CPU seconds, a median over single batches), so it stays."""
+    import subprocess
+    import sys
+
+    from cnnexp.run import DatasetMemo
+
+    doc = {"overrides": ["dataset=folder", f"dataset.path={cifar_jpeg}", "dataset.test_limit=500",
+                         "dataset.eval_limit=500", "+width=0.25", "train.optimizer=adam", "tracking=off"],
+           "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}},
+           "answers": {"looks": 1}, "sweep": {"budget": "1h", "storage": f"sqlite:///{tmp_path / 's.db'}"}}
+    (tmp_path / "ladder.yaml").write_text(yaml.safe_dump(doc))
+    s = load_sweep(str(tmp_path / "ladder.yaml"))
+    cells, full, memo = budget.planned_cells(s), budget.full_train(s), DatasetMemo()
+
+    def timed():
+        return {c.cell: budget.time_config(c.overrides, memo, cap=full) for c in cells}
+
+    alone = timed()
+    window = 1.4 * budget._total(cells, alone, 2000, work=True)  # the rung 2,000 in the middle of its window
+    first = budget.plan(cells, window, full, 1.0, timings=dict(alone))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        loaded = timed()
+    finally:
+        busy.kill()
+    second = budget.plan(cells, window, full, 1.0, timings=dict(loaded))
+    wall = np.median([loaded[c].per_image / alone[c].per_image for c in alone])
+    work = np.median([loaded[c].cpu_per_image / alone[c].cpu_per_image for c in alone])
+    with capsys.disabled():
+        print(f"\nwith a competing process: wall per image x{wall:.2f}, CPU per image x{work:.2f}; "
+              f"rung {first.train_limit} alone, {second.train_limit} beside it")
+    assert first.train_limit == second.train_limit == 2000

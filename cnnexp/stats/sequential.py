@@ -4,10 +4,19 @@ A designed study looks at its answers after each round of seeds. Looking many ti
 growing data and stopping once an answer looks settled would inflate its errors, so each look j of
 at most L spends a share of the error rate alpha (a power-family spending function,
 alpha * ((j/L)^rho - ((j-1)/L)^rho), rho = 2: little early, most late), and the last look spends
-what is left. By the union bound, the CIs of all looks hold together with probability 1 - alpha,
-whatever the stopping rule and however the seeds were allocated: a question's verdict is `effect`
-if a look's CI excluded 0, `equivalent` if a look's CI lay within +-precision (repeated confidence
-intervals, Jennison and Turnbull).
+what is left. A question's verdict is `effect` if a look's CI excluded 0, `equivalent` if a look's
+CI lay within +-margin (repeated confidence intervals, Jennison and Turnbull).
+
+What is proved and what is measured: the union bound over the looks holds when how many runs each
+look adds depends only on what was fixed before it. Ours does not: `allocate` reads the data
+(which questions are undecided, which pairs are widest, the cells' variances), and a data-chosen
+sample size can inflate a later look's error (a two-stage example did: 1.8x its share). So the
+guarantee cited is the simulation of the actual rule on the real design, image by image, with a
+fixed per-configuration offset of 0.4 points on the evaluation images:
+`tests/test_stats.py::test_a_fixed_offset_of_each_configuration_on_the_evaluation_images_stays_inside_every_ci`
+(200 simulated default studies, 4 looks, this allocation: false `effect` 1.5 / 3.5 / 4.5% for
+kernel / filters / batch size at a nominal 5%, the limit asserted being 5% + 2 simulation SEs), and
+its power twin (a 3-sigma difference found in 100% of them).
 
 Between looks, `allocate` adds replicates where they narrow the undecided contrasts most per second
 of training: each run added to a configuration shrinks the variance of every contrast it enters,
