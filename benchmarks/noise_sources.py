@@ -44,8 +44,10 @@ def main(argv=None) -> int:
             overrides = [*SCALE, *[f for f in fixed if f.split("=")[0] != varied.split("=")[0]], varied]
             scores.append(run(compose_config(overrides), validated=True, datasets=memo).metrics["val_accuracy"])
         mean = float(np.mean(scores))
-        out[source] = {"scores": [round(s, 4) for s in scores], "sd_points": round(100 * float(np.std(scores, ddof=1)), 2)}
-        print(f"{source}: sd {out[source]['sd_points']} points over {args.runs} runs ({out[source]['scores']})", flush=True)
+        out[source] = {"scores": [round(s, 4) for s in scores],
+                       "sd_points": round(100 * float(np.std(scores, ddof=1)), 2)}
+        print(f"{source}: sd {out[source]['sd_points']} points over {args.runs} runs "
+              f"({out[source]['scores']})", flush=True)
     out["evaluation set (binomial, 3,000 images)"] = {"sd_points": round(100 * math.sqrt(mean * (1 - mean) / 3000), 2)}
     print(json.dumps(out, indent=1))
     return 0

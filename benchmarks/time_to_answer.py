@@ -80,7 +80,8 @@ def reference(folder: Path, tiny: bool = False) -> dict:
     """The high-fidelity answers, run once and stored beside the bench."""
     sides = TINY if tiny else SIDES
     folder.mkdir(parents=True, exist_ok=True)
-    result = {"design": DESIGN, "fidelity": sides["reference"], **run_side(_file(folder, "reference", sides["reference"]))}
+    result = {"design": DESIGN, "fidelity": sides["reference"],
+              **run_side(_file(folder, "reference", sides["reference"]))}
     if not tiny:
         REFERENCE.parent.mkdir(exist_ok=True)
         REFERENCE.write_text(json.dumps(result, indent=1) + "\n")
@@ -103,7 +104,8 @@ def bench_time_to_answer(tmp: Path, tiny: bool = False) -> dict:
         side = out[name]
         side["agrees"] = {q: side["verdicts"].get(q) == ref["verdicts"].get(q) for q in QUESTIONS}
         side["agreement"] = f"{sum(side['agrees'].values())}/{len(QUESTIONS)}"
-    out["compute_ratio_grid_over_ours"] = round(out["grid"]["images_trained"] / max(1, out["ours"]["images_trained"]), 2)
+    out["compute_ratio_grid_over_ours"] = round(out["grid"]["images_trained"]
+                                                / max(1, out["ours"]["images_trained"]), 2)
     out["wall_ratio_grid_over_ours"] = round(out["grid"]["wall_seconds"] / max(1e-9, out["ours"]["wall_seconds"]), 2)
     return out
 

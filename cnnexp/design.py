@@ -214,7 +214,8 @@ def load_design(raw: dict | None, anchor=lambda overrides: overrides) -> Design 
         raise ConfigError(f"design.seeds={seeds!r} must be an integer >= 2: one seed can't measure noise.")
     _check_vary(baseline, vary)
     epochs = raw.get("epochs") or []
-    if not isinstance(epochs, list) or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in epochs):
+    if not isinstance(epochs, list) or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
+                                               for m in epochs):
         raise ConfigError(f"design.epochs={epochs!r} must list whole multiples of train.epochs, e.g. [2, 4].")
     arms = {str(k): anchor([str(o) for o in v]) for k, v in (raw.get("arms") or {}).items()}
     main = str(raw.get("main", "main"))
@@ -287,11 +288,13 @@ def tables(records, design: Design, up_to_round: int | None = None):
             at_base = r.value_at(design.base_epochs) if design.base_epochs else None
             if at_base is not None:
                 rows.append({**baseline, **common, "cell": config_key({TASK: design.main, **baseline}),
-                             "objective": at_base, "from_epochs_arm": True, "correct": r.correct_at(design.base_epochs)})
+                             "objective": at_base, "from_epochs_arm": True,
+                             "correct": r.correct_at(design.base_epochs)})
         elif task in design.measured_arms():
             measured.setdefault(task, []).append(common)
     columns = [*design.vary, "trial", "seed", "failed", "cell", "test_accuracy", "objective", "updates",
                "seconds", "images", "correct"]
-    main = (pd.DataFrame(rows).reindex(columns=[*columns, "from_epochs_arm"]) if rows else pd.DataFrame(columns=columns))
+    main = (pd.DataFrame(rows).reindex(columns=[*columns, "from_epochs_arm"]) if rows
+            else pd.DataFrame(columns=columns))
     return main, {arm: pd.DataFrame(runs) for arm, runs in measured.items()}, (
         pd.DataFrame(curve) if design.curve_arm else None)

@@ -76,8 +76,8 @@ class Plan:
         return above[0] if above else None
 
     def text(self) -> str:
-        shrunk = (f"{self.train_limit:,} of the {self.full_train:,} training images" if self.train_limit < self.full_train
-                  else f"all {self.full_train:,} training images")
+        shrunk = (f"{self.train_limit:,} of the {self.full_train:,} training images"
+                  if self.train_limit < self.full_train else f"all {self.full_train:,} training images")
         later = self.budget_s - self.first_round_s
         how = ("pinned by dataset.train_limit" if self.pinned else
                f"the largest rung of {', '.join(f'{r:,}' for r in rungs(self.full_train))} that fits")

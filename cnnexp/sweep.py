@@ -37,7 +37,8 @@ def report(sweep: Sweep, study) -> int:
         code = 0
     except KeyboardInterrupt:
         stop.ignore_signals()
-        print(f"error: interrupted while writing the report; the study is saved, write it with: {again}", file=sys.stderr)
+        print(f"error: interrupted while writing the report; the study is saved, write it with: {again}",
+              file=sys.stderr)
         status, code = "KILLED", 130
     except Exception as err:  # noqa: BLE001 - the study is saved; the report can be rerun on its own
         print(f"error: the report could not be written ({type(err).__name__}: {str(err).splitlines()[0]}); the study "
@@ -64,7 +65,8 @@ def _run(args) -> int:
         if sweep.settings.estimate and not sweep.settings.get("budget") and os.environ.get("CNNEXP_WORKER") is None \
                 and not runtime.has_gpu():
             images = sweep.data_key("dataset.train_limit") or budget.full_train(sweep)
-            say(budget.estimate(sweep.overrides, int(sweep.settings.n_trials), int(sweep.base.train.epochs), int(images)))
+            say(budget.estimate(sweep.overrides, int(sweep.settings.n_trials), int(sweep.base.train.epochs),
+                                int(images)))
         study = optimize(sweep, recycle_after=int(sweep.settings.recycle_after))
     try:
         if sweep.settings.get("objectives"):

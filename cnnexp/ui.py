@@ -138,7 +138,8 @@ def _dashboard(args, study: str | None) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cnnexp.ui",
-                                     description="Print, then serve, a study's page in the MLflow UI or optuna-dashboard.")
+                                     description="Print, then serve, a study's page in the MLflow UI or "
+                                                 "optuna-dashboard.")
     commands = parser.add_subparsers(dest="command", required=True)
     mlflow_cmds = [commands.add_parser("mlflow", help="print the URL of a study's runs, then serve the MLflow UI"),
                    commands.add_parser("mlflow-url", help="print the URL of a study's runs in the MLflow UI")]

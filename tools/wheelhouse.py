@@ -214,7 +214,8 @@ def install(venv: Path, wheels: Path, jax: str, pip_args: list[str]) -> None:
     done = pip(*args, python=python, capture=False)
     if done.returncode:
         hint = (f" With JAX=system this Python's JAX stack is pinned ({venv}/system-jax-constraints.txt): make the "
-                "wheels again with WHEELS_CONSTRAINTS=<a copy of that file>, so that they fit it." if jax == "system" else "")
+                "wheels again with WHEELS_CONSTRAINTS=<a copy of that file>, so that they fit it."
+                if jax == "system" else "")
         raise WheelhouseError(f"installing from {wheels}/ failed (see above): is it the wheel folder for this "
                               f"Python ({sys.version_info.major}.{sys.version_info.minor}) and platform "
                               f"({this_platform()})?{hint}")

@@ -7,8 +7,9 @@ Promises:
   the file and why, and the caller rebuilds it. The caller also checks what the arrays describe
   (`cnnexp.raw.problem`), so a valid file with the wrong data is rebuilt too. Never a traceback.
 - Files are written through a temporary `<name>~<host>~<pid>~<token>.npz.tmp` and renamed, so
-  readers never see half a file. Temporaries left by killed runs are removed on the next run, but only when their process is
-  not alive on this host, or they are older than a day: another live worker's file is never touched.
+  readers never see half a file. Temporaries left by killed runs are removed on the next run, but
+  only when their process is not alive on this host, or they are older than a day: another live
+  worker's file is never touched.
 - A folder that cannot be written (read-only, not a folder, disk full) logs one warning per
   folder and the run goes on without a cache. Nothing here ever unpickles: every np.load passes
   allow_pickle=False.
@@ -40,7 +41,8 @@ _CHECKSUM, _SOURCE = "__sha256__", "__source__"
 
 
 class _Folders:
-    """What this process learnt of its cache folders: cleaned of leftovers already, or not writable (an explicit cache)."""
+    """What this process learnt of its cache folders: cleaned of leftovers already, or not writable (an
+    explicit cache)."""
 
     def __init__(self):
         self.cleaned: set[Path] = set()

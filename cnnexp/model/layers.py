@@ -2,18 +2,20 @@
 
 | part | readable (YAML) | tuple |
 |---|---|---|
-| convolution | `{type: conv, filters: 64, kernel: 3, activation: relu, bias: true}` | `(c, 64, 3)`, `(c, 64, 3, gelu)`, `(c, 64, 3, none, false)` |
+| convolution | `{type: conv, filters: 64, kernel: 3, activation: relu, bias: true}` | `(c, 64, 3)` |
 | max / average pooling | `{type: pool, size: 2, kind: max}` | `(m, 2)` max, `(p, 2)` average |
 | global pooling | `{type: global_pool, kind: max}` | `(gm)` max, `(ga)` average |
 | batch normalisation | `{type: batchnorm, momentum: 0.9}` | `(b)`, `(b, 0.6)` |
 | activation | `{type: activation, fn: gelu}` | `(a, gelu)` |
 | dropout | `{type: dropout, rate: 0.5}` | `(r, 0.5)` |
 | flatten | `{type: flatten}` | `(f, null)` |
-| dense | `{type: dense, units: 1024, activation: relu, bias: true}` | `(d, 1024)`; the last dense layer is the softmax classifier (the only one that may say `softmax`) |
+| dense | `{type: dense, units: 1024, activation: relu, bias: true}` | `(d, 1024)` |
 | residual block | `{type: residual, layers: [...]}`: input + the inner layers' output | `(res, [...])` |
 
+The last dense layer is the softmax classifier (the only one that may say `softmax`).
 Activations are `relu` (the default), `gelu` or `none`. Fields left out take their defaults; the
-tuple form gives the fields in the order of the readable form.
+tuple form gives the fields in the order of the readable form, e.g. `(c, 64, 3, gelu)`,
+`(c, 64, 3, none, false)`.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def _parse_layer(spec, key: str) -> LayerSpec:
                                f"(or the tuple letters {', '.join(ALIASES)}).")
     unknown = set(values) - set(FIELDS[kind])
     if unknown:
-        raise ModelConfigError(f"{key}: a {kind} layer has no field(s) {sorted(unknown)}; it takes {list(FIELDS[kind])}.")
+        raise ModelConfigError(f"{key}: a {kind} layer has no field(s) {sorted(unknown)}; "
+                               f"it takes {list(FIELDS[kind])}.")
     full = {name: values.get(name, default) for name, default in FIELDS[kind].items()}
     missing = [name for name, value in full.items() if value is None and FIELDS[kind][name] is not None
                or value == "REQUIRED"]
@@ -114,7 +117,8 @@ def _check_field(kind: str, name: str, value, key: str):
     if name in ("rate", "momentum"):
         return checks.number(value, key, low=0, high=1, high_open=True)
     if name == "activation":
-        return None if value is None else checks.choice(value, key, (*ACTIVATIONS, *(("softmax",) if kind == "dense" else ())))
+        return None if value is None else checks.choice(value, key,
+                                                        (*ACTIVATIONS, *(("softmax",) if kind == "dense" else ())))
     if name == "fn":
         return checks.choice(value, key, ACTIVATIONS[:2])
     if name == "bias":
@@ -193,9 +197,11 @@ def layers_text(layers: Sequence[LayerSpec]) -> str:
     """The layers in one short line, e.g. 'c64k3 c64k3 m2 c128k3 m2 c128k3 f d1024 d10'."""
 
     def one(s: LayerSpec) -> str:
-        extras = ("" if s.activation in (None, "relu", "softmax") else f":{s.activation}") + ("" if s.bias in (None, True) else "-nb")
-        return {"conv": lambda: f"c{s.filters}k{s.kernel}{extras}", "pool": lambda: f"{'m' if s.kind == 'max' else 'p'}{s.size}",
-                "global_pool": lambda: f"g{s.kind}", "batchnorm": lambda: "b" if s.momentum == 0.9 else f"b{s.momentum}", "activation": lambda: f"a:{s.fn}",
+        extras = (("" if s.activation in (None, "relu", "softmax") else f":{s.activation}")
+                  + ("" if s.bias in (None, True) else "-nb"))
+        return {"conv": lambda: f"c{s.filters}k{s.kernel}{extras}",
+                "pool": lambda: f"{'m' if s.kind == 'max' else 'p'}{s.size}", "global_pool": lambda: f"g{s.kind}",
+                "batchnorm": lambda: "b" if s.momentum == 0.9 else f"b{s.momentum}", "activation": lambda: f"a:{s.fn}",
                 "dropout": lambda: f"r{s.rate}", "flatten": lambda: "f", "dense": lambda: f"d{s.units}{extras}",
                 "residual": lambda: f"res[{layers_text(s.layers)}]"}[s.type]()
 

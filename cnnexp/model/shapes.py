@@ -34,11 +34,13 @@ def _conv(spec: LayerSpec, shape: tuple, key: str, padding: str) -> tuple:
     if padding == "same" and spec.kernel > max(height, width):
         # Keras accepts it, then trains mostly on zero padding at a crawl (~1 image/s).
         warnings.warn(f"{key}.kernel={spec.kernel} is larger than the {height}x{width} feature map it slides over; "
-                      "most of it multiplies zero padding and training is very slow. Use a smaller kernel.", stacklevel=3)
+                      "most of it multiplies zero padding and training is very slow. Use a smaller kernel.",
+                      stacklevel=3)
     if padding == "valid":
         if spec.kernel > min(height, width):
             raise ModelConfigError(f"{key}.kernel={spec.kernel} is larger than the {height}x{width} feature map it "
-                                   "slides over with model.padding=valid; use a smaller kernel (or +kernel) or model.padding=same.")
+                                   "slides over with model.padding=valid; use a smaller kernel (or +kernel) or "
+                                   "model.padding=same.")
         height, width = height - spec.kernel + 1, width - spec.kernel + 1
     return height, width, spec.filters
 
@@ -50,8 +52,8 @@ def _pool(spec: LayerSpec, shape: tuple, key: str) -> tuple:
     if spec.type == "global_pool":
         return (channels,)
     if spec.size > min(height, width):
-        raise ModelConfigError(f"{key}.size={spec.size}: pooling the {height}x{width} feature map shrinks it below 1x1; "
-                               "remove a pool layer, use a smaller size, or use model.padding=same.")
+        raise ModelConfigError(f"{key}.size={spec.size}: pooling the {height}x{width} feature map shrinks it below "
+                               "1x1; remove a pool layer, use a smaller size, or use model.padding=same.")
     return height // spec.size, width // spec.size, channels
 
 
@@ -97,7 +99,8 @@ def validate_architecture(layers: list[LayerSpec], input_shape: Sequence[int], n
     if last.type != "dense":
         raise ModelConfigError(f"{where}: the last layer must be dense (the softmax classifier), not {last.type}.")
     if last.activation not in (None, "softmax"):
-        raise ModelConfigError(f"{where}.activation={last.activation!r}: the last dense layer is the softmax classifier.")
+        raise ModelConfigError(f"{where}.activation={last.activation!r}: "
+                               "the last dense layer is the softmax classifier.")
     for i, spec in enumerate(layers[:-1]):
         if spec.type == "dense" and spec.activation == "softmax":
             raise ModelConfigError(f"model.layers.{i}.activation='softmax': only the last dense layer is a softmax.")

@@ -110,7 +110,8 @@ def _cost(runs: list[TrialRecord]) -> Cost:
 
 def _noise(main: pd.DataFrame, records: list[TrialRecord], contrast: tuple[float, float] | None = None) -> Noise:
     usable = main[~main["failed"].fillna(False).astype(bool)] if len(main) else main
-    groups = [(cell, values.astype(float)) for cell, values in usable.groupby("cell")["objective"]] if len(usable) else []
+    groups = ([(cell, values.astype(float)) for cell, values in usable.groupby("cell")["objective"]]
+              if len(usable) else [])
     per_cell = [(cell, len(v), float(v.std(ddof=1))) for cell, v in groups if len(v) > 1]
     df = sum(n - 1 for _, n, _ in per_cell)
     sd = math.sqrt(sum((n - 1) * s ** 2 for _, n, s in per_cell) / df) if df else float("nan")
@@ -123,7 +124,8 @@ def _noise(main: pd.DataFrame, records: list[TrialRecord], contrast: tuple[float
 
 def analyse(study: optuna.Study, records: list[TrialRecord], facts: StudyRecord, answers_cfg) -> Analysis:
     margin, alpha = float(answers_cfg.margin), float(answers_cfg.alpha)
-    result = Analysis(metric=facts.metric or "val_accuracy", design=facts.design, margin=margin, alpha=alpha, looks=facts.rounds)
+    result = Analysis(metric=facts.metric or "val_accuracy", design=facts.design, margin=margin, alpha=alpha,
+                      looks=facts.rounds)
     result.failed = [r for r in records if r.failed_outcome]
     for cell, runs in _by_cell(records).items():
         result.costs[cell] = _cost(runs)
@@ -222,7 +224,8 @@ def _eval_term(main: pd.DataFrame, design: Design) -> tuple[float, float] | None
     return math.sqrt(share) * se, math.sqrt(1 - share) * se
 
 
-def _regime(result: Analysis, records: list[TrialRecord], design: Design, main: pd.DataFrame, plan: Plan | None) -> None:
+def _regime(result: Analysis, records: list[TrialRecord], design: Design, main: pd.DataFrame,
+            plan: Plan | None) -> None:
     from cnnexp.stats.curves import mean_interval
 
     mine = [r for r in records if r.complete and r.params.get("task") == design.main]

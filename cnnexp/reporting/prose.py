@@ -46,7 +46,8 @@ def _cell_cost(analysis: Analysis, key: str, value) -> Cost | None:
     design = analysis.design
     if not design:
         return None
-    return analysis.costs.get(config_key({TASK: design.main, **{k: design.baseline[k] for k in design.vary}, key: value}))
+    return analysis.costs.get(config_key({TASK: design.main, **{k: design.baseline[k] for k in design.vary},
+                                          key: value}))
 
 
 def _cost_phrase(analysis: Analysis, answer: Answer) -> str:
@@ -57,7 +58,8 @@ def _cost_phrase(analysis: Analysis, answer: Answer) -> str:
         return ""
     parts = []
     if a.flops and b.flops and math.isfinite(a.flops):
-        parts.append(f"{a.flops / b.flops:.1f}x the FLOPs per image ({a.flops / 1e6:.0f} vs {b.flops / 1e6:.0f} MFLOPs)")
+        parts.append(f"{a.flops / b.flops:.1f}x the FLOPs per image "
+                     f"({a.flops / 1e6:.0f} vs {b.flops / 1e6:.0f} MFLOPs)")
     if a.params and b.params and math.isfinite(a.params):
         parts.append(f"{a.params / b.params:.1f}x the parameters")
     if a.seconds and b.seconds and math.isfinite(a.seconds):
@@ -95,7 +97,8 @@ def to_settle(answer: Answer, margin: float, seconds_per_run: float, finished: b
 
 def factor_answer(analysis: Analysis, key: str, answer: Answer) -> str:
     q = question(analysis, key)
-    n = ", ".join(f"{lv.value}: {pts(lv.adjusted, False)}% (n={cell_n(lv)}{f', {lv.failed} failed' if lv.failed else ''})"
+    n = ", ".join(f"{lv.value}: {pts(lv.adjusted, False)}% "
+                  f"(n={cell_n(lv)}{f', {lv.failed} failed' if lv.failed else ''})"
                   for lv in answer.levels)
     regime = analysis.regime
     at = (f"{regime.train_images:,} images x {regime.epochs} epochs" if regime.train_images and regime.epochs
@@ -143,12 +146,15 @@ def _effect_words(answer: Answer, ci: str) -> str:
 
 def _failure_words(answer: Answer, words: str) -> str:
     """Where runs failed, their rate per value is tested at its share of the question's error rate."""
-    failing = "; ".join(f"{answer.parameter}={lv.value} failed in {lv.failed} of {lv.failed} runs (diverged or at chance)"
+    failing = "; ".join(f"{answer.parameter}={lv.value} failed in {lv.failed} of {lv.failed} runs "
+                        "(diverged or at chance)"
                         for lv in answer.failing)
     rates = "; ".join(f"{lv.value}: {lv.failed} of {lv.n + lv.failed}" for lv in answer.levels if lv.failed)
-    test = (f"the failure rate differs between values (p={answer.failure_p:.2g} at error rate {answer.failure_alpha:.3g})"
+    test = (f"the failure rate differs between values (p={answer.failure_p:.2g} "
+            f"at error rate {answer.failure_alpha:.3g})"
             if answer.failure_p < answer.failure_alpha else
-            f"the failure rates do not differ detectably (p={answer.failure_p:.2g}, error rate {answer.failure_alpha:.3g})")
+            f"the failure rates do not differ detectably (p={answer.failure_p:.2g}, "
+            f"error rate {answer.failure_alpha:.3g})")
     lead = f"{failing}: " if failing else ""
     return f"{lead}{test}{f' (failures: {rates})' if rates else ''}; among the runs that trained, {words}"
 
@@ -216,11 +222,13 @@ def epochs_answer(analysis: Analysis) -> str:
     if e is None or e.verdict == "insufficient_data":
         return f"{head}: not enough data to say{': ' + e.why if e is not None else ''}."
     best = (f"at or beyond {e.last_epoch}: the curve is still within noise of its best at the last epoch trained"
-            if e.at_or_beyond else f"epoch {e.best_epoch} (epochs {e.plateau[0]}-{e.plateau[1]} are within noise of it)")
+            if e.at_or_beyond else
+            f"epoch {e.best_epoch} (epochs {e.plateau[0]}-{e.plateau[1]} are within noise of it)")
     text = f"{head} (the baseline trained to {e.last_epoch} epochs, {e.runs} runs): best epoch {best}."
     if e.gain is not None:
-        text += (f" Training {e.last_epoch} instead of {e.base_epochs} epochs changes the score by {pts(e.gain.estimate)} "
-                 f"points ({level(e.gain.alpha)} {pts(e.gain.low)} to {pts(e.gain.high)}, paired by run): "
+        text += (f" Training {e.last_epoch} instead of {e.base_epochs} epochs changes the score by "
+                 f"{pts(e.gain.estimate)} points ({level(e.gain.alpha)} {pts(e.gain.low)} to {pts(e.gain.high)}, "
+                 "paired by run): "
                  + {"effect": "it matters", "equivalent": f"equivalent within +-{pts(analysis.margin, False)}",
                     "not_detected": "not settled"}[e.verdict] + ".")
     if e.overfits is not None:
@@ -236,8 +244,9 @@ def measured_answer(analysis: Analysis, arm: str, interval: Interval, n_test: in
         half = 1.96 * math.sqrt(interval.estimate * (1 - interval.estimate) / n_test)
         binomial = f"; one run's 95% binomial CI on its {n_test:,} test images is +-{pts(half, False)} points"
     main = analysis.design.main if analysis.design else "main"
-    return (f"**{label(analysis, arm)}**: reaches {pts(interval.estimate, False)}% test accuracy ({level(interval.alpha)} "
-            f"{pts(interval.low, False)} to {pts(interval.high, False)}% across {interval.n} seeds{binomial}), with "
-            f"{cost.params / 1e6:.2f}M parameters, {cost.flops / 1e6:.0f} MFLOPs per image and {cost.seconds:.0f} s of "
-            f"training per run. It is not compared with the {main} task: different data, model, training size and "
-            "test set; a comparison needs both models on both datasets (a 2x2).")
+    return (f"**{label(analysis, arm)}**: reaches {pts(interval.estimate, False)}% test accuracy "
+            f"({level(interval.alpha)} {pts(interval.low, False)} to {pts(interval.high, False)}% across "
+            f"{interval.n} seeds{binomial}), with {cost.params / 1e6:.2f}M parameters, {cost.flops / 1e6:.0f} MFLOPs "
+            f"per image and {cost.seconds:.0f} s of training per run. It is not compared with the {main} task: "
+            "different data, model, training size and test set; a comparison needs both models on both datasets "
+            "(a 2x2).")

@@ -27,9 +27,9 @@ from cnnexp.reporting.prose import cell_n, label, pts, to_settle
 from cnnexp.reporting.sections import answer_paragraphs, transfer_lines
 from cnnexp.tracking import runs, store
 
-EFFECT_COLUMNS = ["question", "parameter", "verdict", "decided_by", "higher", "lower", "estimate", "ci_low", "ci_high", "alpha",
-                  "n_min", "best_value", "bound", "mde", "p_value", "settled_at_look", "confirmed", "runs", "failed",
-                  "seconds", "to_settle"]
+EFFECT_COLUMNS = ["question", "parameter", "verdict", "decided_by", "higher", "lower", "estimate", "ci_low", "ci_high",
+                  "alpha", "n_min", "best_value", "bound", "mde", "p_value", "settled_at_look", "confirmed", "runs",
+                  "failed", "seconds", "to_settle"]
 
 
 def effect_rows(analysis: Analysis) -> list[dict]:
@@ -74,7 +74,8 @@ def inconsistent(effects: pd.DataFrame, margin: float) -> list[str]:
     bad = []
     for row in effects.to_dict("records"):
         low, high = row.get("ci_low"), row.get("ci_high")
-        if row["verdict"] == "effect" and row.get("decided_by") != "failure rate" and pd.notna(low) and low <= 0 <= high:
+        if (row["verdict"] == "effect" and row.get("decided_by") != "failure rate" and pd.notna(low)
+                and low <= 0 <= high):
             bad.append(f"{row['parameter']}: effect, but its CI {low:.4f} to {high:.4f} covers 0")
         if row["verdict"] == "equivalent" and pd.notna(low) and max(abs(low), abs(high)) >= margin:
             bad.append(f"{row['parameter']}: equivalent, but its CI {low:.4f} to {high:.4f} leaves +-{margin}")
@@ -120,8 +121,8 @@ def _study_lines(study: optuna.Study, records, facts: record.StudyRecord, analys
                      f"{predicted / 60:.1f} min for the trials that ran, they took {trained / 60:.1f} min "
                      f"({trained / predicted - 1:+.0%}).")
     if math.isfinite(analysis.training_share):
-        lines.append(f"Wall: {analysis.wall_s / 60:.1f} min from the study's start (its plan's timing included) to this "
-                     f"report, {analysis.training_share:.0%} of it in training steps (the epochs' own seconds, "
+        lines.append(f"Wall: {analysis.wall_s / 60:.1f} min from the study's start (its plan's timing included) to "
+                     f"this report, {analysis.training_share:.0%} of it in training steps (the epochs' own seconds, "
                      "validation taken out).")
     lines += _noise_lines(analysis)
     if analysis.failed:

@@ -259,7 +259,8 @@ def _insufficient(p: str, kind: str, levels: list[Level], thin: list[Level], fit
                   n_varying: int) -> Answer:
     if len(levels) < 2:
         return Answer(p, kind, "insufficient_data", levels=levels, runs_needed=2,
-                      why=f"only {p}={levels[0].value} was tried: try at least 2 values" if levels else "no usable runs")
+                      why=(f"only {p}={levels[0].value} was tried: try at least 2 values" if levels
+                           else "no usable runs"))
     if thin:
         needed = sum(2 - lv.n for lv in thin)
         at = ", ".join(f"{p}={lv.value}" for lv in thin)

@@ -69,7 +69,8 @@ class Simulator:
         sigma = self.cell_sigma.get(changed if changed else "baseline", self.sigma)
         rows = []
         for _ in range(n):
-            logits = self.difficulty + self.interaction[key] + shift / self.slope + self.rng.normal(0, self.run_sd(sigma))
+            logits = (self.difficulty + self.interaction[key] + shift / self.slope
+                      + self.rng.normal(0, self.run_sd(sigma)))
             correct = self.rng.random(self.images) < expit(logits)
             rows.append({**{f: cell[f] for f in self.design.vary}, "seed": self.next_seed, "failed": False,
                          "cell": key, "objective": float(correct.mean()), "correct": correct, **extra})

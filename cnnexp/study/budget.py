@@ -166,9 +166,9 @@ def estimate(overrides: list[str], trials: int, epochs: int, train_images: int, 
     """Before a long sweep without a budget: what it will cost, from one timed configuration (no GPU only)."""
     timing = time_config(overrides, datasets)
     minutes = trials * timing.predict(train_images, epochs) / 60
-    return (f"No GPU found ({runtime.device_description()}): up to {trials} trials x {epochs} epochs x {train_images:,} "
-            f"training images, at ~{1 / timing.per_image:.0f} images/s of the base configuration: roughly "
-            f"{minutes:.1f} min (pruning and other configurations change this; sweep.budget plans instead).")
+    return (f"No GPU found ({runtime.device_description()}): up to {trials} trials x {epochs} epochs x "
+            f"{train_images:,} training images, at ~{1 / timing.per_image:.0f} images/s of the base configuration: "
+            f"roughly {minutes:.1f} min (pruning and other configurations change this; sweep.budget plans instead).")
 
 
 def planned_cells(sweep: Sweep) -> list[PlannedCell]:

@@ -112,10 +112,12 @@ def make_storage(url: str, settings=None, stale_callback=None, read_only: bool =
                 raise StorageError(f"no study storage at {store.name}")
             return optuna.storages.RDBStorage(store.read_only_url(), skip_table_creation=True,
                                               skip_compatibility_check=True)
-        engine_kwargs = ({"connect_args": {"timeout": 120}} if store.scheme.name == "sqlite"  # wait, don't fail, when locked
-                         else {"pool_pre_ping": True})
-        return LostWorkerStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(get("heartbeat_interval", 10)),
-                                 grace_period=int(get("grace_period", 60)), heartbeat_stale_trial_callback=stale_callback)
+        engine_kwargs = ({"connect_args": {"timeout": 120}}  # wait, don't fail, when locked
+                         if store.scheme.name == "sqlite" else {"pool_pre_ping": True})
+        return LostWorkerStorage(url, engine_kwargs=engine_kwargs,
+                                 heartbeat_interval=int(get("heartbeat_interval", 10)),
+                                 grace_period=int(get("grace_period", 60)),
+                                 heartbeat_stale_trial_callback=stale_callback)
     except StorageError:
         raise
     except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the driver's errors: a full disk, a refused login
@@ -181,7 +183,8 @@ def same_study(study: optuna.Study, expressions: dict, design: Design | None, re
         expressions = {k: repr(distribution(k, v)) for k, v in expressions.items()} if stored else stored
     cells = ("baseline", "vary", "arms")
     if stored != expressions or (facts.design is not None and design is not None
-                                 and {k: getattr(facts.design, k) for k in cells} != {k: getattr(design, k) for k in cells}):
+                                 and {k: getattr(facts.design, k) for k in cells}
+                                 != {k: getattr(design, k) for k in cells}):
         had = "; ".join(f"{k}: {v}" for k, v in stored.items())
         raise ConfigError(f"The study {study.study_name!r} exists in {url} with another search space "
                           f"({had}). Rerun it with that space, or start a new study: "

@@ -138,7 +138,8 @@ def _confirmations(study, sweep: Sweep, plan: Plan | None, records, facts) -> bo
     queued = [r for r in records if r.confirms is not None]
     if queued:  # they ran: record what they show
         last.confirmations = {q: confirm(q, pairs, tables(queued, sweep.design)[0], float(sweep.answers.alpha),
-                                         float(sweep.answers.margin), queued[0].train_limit) for q, pairs in asked.items()}
+                                         float(sweep.answers.margin), queued[0].train_limit)
+                              for q, pairs in asked.items()}
         _keep(study, facts, last)
         return False
     why = _why_not(sweep, plan, asked)
@@ -146,7 +147,8 @@ def _confirmations(study, sweep: Sweep, plan: Plan | None, records, facts) -> bo
     cost = sum(CONFIRM_SEEDS * _seconds_at(plan, c, records) for c in cells) if plan else math.inf
     left = plan.budget_s - sum(r.duration_s or 0.0 for r in records) if plan else 0.0
     if not why and cost > left:
-        why = f"not checked: it needs about {cost / 60:.1f} min at {plan.next_rung():,} images, {left / 60:.1f} min left"
+        why = (f"not checked: it needs about {cost / 60:.1f} min at {plan.next_rung():,} images, "
+               f"{left / 60:.1f} min left")
     if why:
         last.confirmations = {q: {"verdict": "not checked", "why": why} for q in asked}
         _keep(study, facts, last)
@@ -155,8 +157,9 @@ def _confirmations(study, sweep: Sweep, plan: Plan | None, records, facts) -> bo
         for _ in range(CONFIRM_SEEDS):
             record.enqueue(study, sweep.design.cell(cell), round=last.round + 1, confirms=",".join(sorted(asked)),
                            train_limit=plan.next_rung())
-    say(f"Confirming {', '.join(sorted(asked))} at {plan.next_rung():,} training images ({plan.next_rung() // plan.train_limit}x"
-        f" the study's): {len(cells)} cells x {CONFIRM_SEEDS} seeds, about {cost / 60:.1f} min.")
+    say(f"Confirming {', '.join(sorted(asked))} at {plan.next_rung():,} training images "
+        f"({plan.next_rung() // plan.train_limit}x the study's): {len(cells)} cells x {CONFIRM_SEEDS} seeds, "
+        f"about {cost / 60:.1f} min.")
     return True
 
 

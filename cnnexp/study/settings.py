@@ -67,7 +67,8 @@ def constraint(text: str, key: str = "sweep.constraints") -> tuple[str, float]:
     """'model.num_params <= 1e6' -> ('model.num_params', 1000000.0)."""
     match = CONSTRAINT.fullmatch(str(text))
     if not match:
-        raise ConfigError(f"{key}: {text!r} must read '<cost> <= <number>' with a cost among {', '.join(COST_METRICS)}.")
+        raise ConfigError(f"{key}: {text!r} must read '<cost> <= <number>' with a cost among "
+                          f"{', '.join(COST_METRICS)}.")
     return match[1], float(match[2])
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 

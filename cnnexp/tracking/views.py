@@ -74,7 +74,8 @@ def dashboard_url(base: str, study_id: int) -> str:
 def view_state(parent_run_id: str, searched: list[str], metric: str, direction: str) -> dict:
     """The runs table of one study: its trials, the columns that answer "which was best, and why", best first."""
     columns = [column("params", f"swept.{key}") for key in searched]
-    columns += [column("metrics", metric), column("metrics", "final/test_accuracy"), column("params", "model.num_params")]
+    columns += [column("metrics", metric), column("metrics", "final/test_accuracy"),
+                column("params", "model.num_params")]
     return {"selectedColumns": columns, "orderByKey": column("metrics", metric),
             "orderByAsc": direction == "minimize", "searchFilter": children_filter(parent_run_id)}
 
@@ -99,7 +100,8 @@ def study_runs_url(tracking_uri: str, base: str, study: str | None = None) -> tu
     store = stores.parse(uri, "--tracking-uri", stores.MLFLOW)
     path = store.file if store.scheme.name == "sqlite" else None
     if path is not None and not path.exists():
-        raise StorageError(f"no MLflow store at {path} yet; run `make sweep` first (MLFLOW_TRACKING_URI={tracking_uri}).")
+        raise StorageError(f"no MLflow store at {path} yet; run `make sweep` first "
+                           f"(MLFLOW_TRACKING_URI={tracking_uri}).")
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
