@@ -176,26 +176,43 @@ def sqlite_tables(path: Path) -> tuple[str, set[str]]:
     return problem, tables
 
 
-# The tables that tell whose database a SQLite file is.
-OWN_TABLES = {OPTUNA: "studies", MLFLOW: "experiments"}
+# The tables that tell whose a SQLite file is: each library adds its own tables to any file it is pointed at.
+OWN_TABLES = {OPTUNA: {"studies", "trials"}, MLFLOW: {"experiments", "runs"}}
+NAMES = {OPTUNA: "an Optuna study storage", MLFLOW: "an MLflow store"}
+
+
+def store_kind(path: Path) -> str | None:
+    """What an existing SQLite file holds, read without writing anything; None for a missing or empty file.
+
+    Returns:
+        'an MLflow store', 'an Optuna study storage', 'a SQLite database of something else (tables ...)' or
+        'not a SQLite database (...)'.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    problem, tables = sqlite_tables(path)
+    if problem != "ok":
+        return f"not a usable SQLite database ({problem})"
+    if not tables:
+        return None
+    kind = next((NAMES[role] for role, marks in OWN_TABLES.items() if marks <= tables), None)
+    return kind or f"a SQLite database of something else (tables {', '.join(sorted(tables)[:5])})"
 
 
 def check_sqlite(store: Store, key: str, role: str) -> None:
     """A SQLite file that exists must be whole and belong to `role` (never an Optuna file as an MLflow store, or
     the reverse): one StorageError naming it, before anything is written to it."""
     path = store.file
-    if store.scheme.name != "sqlite" or path is None or not path.exists() or path.stat().st_size == 0:
+    if store.scheme.name != "sqlite" or path is None:
         return
-    problem, tables = sqlite_tables(path)
-    if problem != "ok":
-        raise StorageError(f"{key}={store.url}: {path} is not a usable database ({problem}); move it away "
-                           f"or point {key} at another file.")
-    other = next((r for r, table in OWN_TABLES.items() if r != role and table in tables), None)
-    if tables and OWN_TABLES[role] not in tables:
-        whose = f"an {other.capitalize()} database" if other else "a SQLite database of something else"
-        raise StorageError(f"{key}={store.url}: {path} is {whose} (tables {', '.join(sorted(tables)[:5])}), not "
-                           f"{'an Optuna study storage' if role == OPTUNA else 'an MLflow store'}; point {key} "
-                           "at another file.")
+    kind = store_kind(path)
+    ours = OWN_TABLES[role] & sqlite_tables(path)[1] if kind is not None else set()
+    if ours and kind != NAMES[next(r for r in NAMES if r != role)]:
+        return  # ours, perhaps still being created by another worker (its tables appear one by one)
+    if kind is not None and kind != NAMES[role]:
+        raise StorageError(f"{key}={store.url}: {path} is {kind}, not {NAMES[role]}; point {key} at another file"
+                           + (" or move the damaged one away." if kind.startswith("not") else "."))
 
 
 def check_writable(folder: Path, key: str) -> Path:
