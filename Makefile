@@ -20,10 +20,10 @@ STAMP   := $(VENV)/.installed$(if $(filter 1,$(OFFLINE)),-offline-jax-$(JAX))-st
 SWEEP   ?= seed_questions
 WORKERS ?= 1
 ARGS    ?=
-PORT    ?= 5000
-MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
-STORAGE ?= sqlite:///studies.db
-DASHBOARD_PORT ?= 8080
+# Unset, the CLIs' own defaults apply (one home each: cnnexp/study/settings.py, conf/tracking/, cnnexp/ui.py).
+PORT    ?=
+STORAGE ?=
+DASHBOARD_PORT ?=
 # `make ui` / `make dashboard` show the most recent study; with SWEEP=name given, that sweep's study.
 UI_STUDY = $(if $(filter-out file,$(origin SWEEP)),--sweep $(SWEEP))
 PYTEST_ARGS ?=
@@ -73,10 +73,11 @@ report: install ## Tables and plots for a study: make report SWEEP=quick
 	$(PY) -m cnnexp.report $(SWEEP) $(ARGS)
 
 ui: install ## The MLflow UI on http://127.0.0.1:$(PORT) over the runs' store; prints first the URL of the latest study's runs
-	$(PY) -m cnnexp.ui mlflow --tracking-uri $(MLFLOW_TRACKING_URI) --port $(PORT) $(UI_STUDY)
+	$(PY) -m cnnexp.ui mlflow $(if $(PORT),--port $(PORT)) $(UI_STUDY)
 
 dashboard: install ## optuna-dashboard on http://127.0.0.1:$(DASHBOARD_PORT) over the studies (STORAGE); prints the study's page first
-	$(PY) -m cnnexp.ui dashboard --storage $(STORAGE) --port $(DASHBOARD_PORT) $(UI_STUDY)
+	$(PY) -m cnnexp.ui dashboard $(if $(STORAGE),--storage $(STORAGE)) $(if $(DASHBOARD_PORT),--port $(DASHBOARD_PORT)) \
+		$(UI_STUDY)
 
 test: install wheels ## The tests CI runs: offline, real training on small subsets; cluster tests skip without their services
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -91,8 +92,8 @@ test-slow: install ## The slow tier: longer end-to-end runs
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 mlflow-server: install ## An MLflow tracking server on 127.0.0.1:$(PORT) with a database backend and artifact root
-	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_SERVER_STORE) --artifacts-destination $(MLFLOW_SERVER_ARTIFACTS) \
-		--host 127.0.0.1 --port $(PORT)
+	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} $(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_SERVER_STORE) --artifacts-destination $(MLFLOW_SERVER_ARTIFACTS) \
+		--host 127.0.0.1 --port $(or $(PORT),5000)
 
 bench: install ## Benchmarks side by side (ours vs bare Keras, overhead, pruning, data; FULL=1 adds memory and workers): outputs/bench/
 	$(PY) benchmarks/bench.py $(if $(FULL),--full) $(ARGS)

@@ -25,7 +25,7 @@ import yaml
 
 from cnnexp import checks, runtime
 from cnnexp.errors import CnnexpError, ConfigError, StorageError
-from cnnexp.study.settings import study_name
+from cnnexp.study.settings import DEFAULTS, study_name
 from cnnexp.study.space import sweep_path
 from cnnexp.tracking.views import check_store, dashboard_target, dashboard_url, study_runs_url
 
@@ -144,10 +144,11 @@ def main(argv=None) -> int:
     mlflow_cmds = [commands.add_parser("mlflow", help="print the URL of a study's runs, then serve the MLflow UI"),
                    commands.add_parser("mlflow-url", help="print the URL of a study's runs in the MLflow UI")]
     for command in mlflow_cmds:
-        command.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+        command.add_argument("--tracking-uri", default=None,
+                             help="the runs' store (default: the tracking config's: MLFLOW_TRACKING_URI or mlflow.db)")
         command.add_argument("--port", type=int, default=5000, help="the port `mlflow ui` listens on")
     dashboard_cmd = commands.add_parser("dashboard", help="print the study's page, then serve optuna-dashboard")
-    dashboard_cmd.add_argument("--storage", default="sqlite:///studies.db")
+    dashboard_cmd.add_argument("--storage", default=DEFAULTS["sweep"]["storage"])
     dashboard_cmd.add_argument("--port", type=int, default=8080)
     for command in (*mlflow_cmds, dashboard_cmd):
         which = command.add_mutually_exclusive_group()
@@ -155,6 +156,10 @@ def main(argv=None) -> int:
         which.add_argument("--sweep", help="a sweep in sweeps/ (or a YAML path): its study")
     args = parser.parse_args(argv)
     runtime.setup_environment()  # before MLflow is imported: its telemetry off, its retries short
+    if getattr(args, "tracking_uri", "") is None:  # one home for the default: the tracking config
+        from cnnexp.config import compose_config
+
+        args.tracking_uri = str(compose_config().tracking.uri)
     try:
         study = study_name_of(args.sweep) if args.sweep else args.study
         if study is not None:

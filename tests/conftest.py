@@ -45,6 +45,8 @@ def fresh_process_caches():
     for memo in (store.CONTACTS, runs.WARNED, cache.FOLDERS, stores.ENGINES):
         memo.clear()
     yield
+    if "keras" in sys.modules:  # a test that trained under another dtype policy leaves float32 behind it
+        sys.modules["keras"].mixed_precision.set_global_policy("float32")
 
 
 @pytest.fixture(autouse=True)

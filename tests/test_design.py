@@ -1,5 +1,7 @@
 """Designed studies and budgets: the cells, the plan printed before training, resumes that keep it."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -82,7 +84,7 @@ def test_the_plan_picks_a_rung_of_the_ladder_prints_its_pin_first_and_keeps_it_o
     # A configuration costs 1 s per trial plus 1 ms per image and epoch here, whatever it is:
     # the plan's arithmetic is what is tested.
     calls = []
-    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None: calls.append(1) or Timing(
+    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None, cap=None: calls.append(1) or Timing(
         fixed=1.0, per_image=1e-3, per_epoch=0.0))
     doc = {"overrides": ["dataset=folder", f"dataset.path={cifar_jpeg}", "train.epochs=2", "tracking=off"],
            "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}, "main": "cifar10"},
@@ -114,7 +116,7 @@ def test_the_plan_picks_a_rung_of_the_ladder_prints_its_pin_first_and_keeps_it_o
 
 @pytest.mark.parametrize("budget_text", ["1s", "20s"])
 def test_a_budget_too_small_for_the_study_says_the_smallest_that_fits(tmp_path, monkeypatch, budget_text, cifar_jpeg):
-    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None: Timing(5.0, 1e-3, 0.0))
+    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None, cap=None: Timing(5.0, 1e-3, 0.0))
     doc = {"overrides": ["dataset=folder", f"dataset.path={cifar_jpeg}", "tracking=off"],
            "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}},
            "sweep": {"budget": budget_text, "storage": f"sqlite:///{tmp_path / 's.db'}"}}
@@ -184,7 +186,8 @@ def test_a_process_competing_for_a_core_during_the_timing_does_not_move_the_rung
         return {c.cell: budget.time_config(c.overrides, memo, cap=full) for c in cells}
 
     alone = timed()
-    window = 1.4 * budget._total(cells, alone, 2000, work=True)  # the rung 2,000 in the middle of its window
+    # A budget that puts the rung 2,000 in the middle of its window (geometric): between 2,000 fitting and 4,000 not.
+    window = np.sqrt(budget._total(cells, alone, 2000, work=True) * budget._total(cells, alone, 4000, work=True))
     first = budget.plan(cells, window, full, 1.0, timings=dict(alone))
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -194,7 +197,11 @@ def test_a_process_competing_for_a_core_during_the_timing_does_not_move_the_rung
     second = budget.plan(cells, window, full, 1.0, timings=dict(loaded))
     wall = np.median([loaded[c].per_image / alone[c].per_image for c in alone])
     work = np.median([loaded[c].cpu_per_image / alone[c].cpu_per_image for c in alone])
+    # What a plan on wall seconds (the old planner's) would have chosen from the same loaded timings.
+    on_wall = budget.plan(cells, window, full, 1.0, timings={c: dataclasses.replace(t, cpu_per_image=0.0)
+                                                             for c, t in loaded.items()})
     with capsys.disabled():
         print(f"\nwith a competing process: wall per image x{wall:.2f}, CPU per image x{work:.2f}; "
-              f"rung {first.train_limit} alone, {second.train_limit} beside it")
+              f"rung {first.train_limit} alone, {second.train_limit} beside it ({on_wall.train_limit} on wall seconds)")
     assert first.train_limit == second.train_limit == 2000
+    assert wall > 1.2 and on_wall.train_limit < 2000  # the competitor was real: wall seconds would have moved it

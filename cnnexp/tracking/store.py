@@ -40,11 +40,20 @@ CONTACTS = _Contacts()
 
 
 def use(uri: str) -> str:
-    """Point MLflow's fluent API (model logging, registration) at `uri`: the one place that sets it."""
+    """Point MLflow's fluent API (model logging, registration) at `uri`: the one place that sets it.
+
+    MLflow 3 also writes the URI into this process's MLFLOW_TRACKING_URI, which every later config would
+    then resolve `tracking.uri` from: the variable is put back as it was.
+    """
     import mlflow
 
     uri = absolute_uri(str(uri))
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     return uri
 
 
