@@ -40,7 +40,7 @@ class Scheme:
 
 SCHEMES = (
     Scheme("sqlite", ("sqlite:///",), frozenset({OPTUNA, MLFLOW}), True, "flock", "rdb"),
-    Scheme("journal", ("journal:///", "journal://", "journal:"), frozenset({OPTUNA}), True, "flock", "journal"),
+    Scheme("journal", ("journal://", "journal:"), frozenset({OPTUNA}), True, "flock", "journal"),
     Scheme("postgresql", ("postgresql+psycopg://", "postgresql+psycopg2://", "postgresql://"),
            frozenset({OPTUNA, MLFLOW}), False, "advisory", "rdb"),
     Scheme("http", ("http://", "https://"), frozenset({MLFLOW}), False, "server"),
