@@ -24,21 +24,32 @@ def rungs(full_train: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Timing:
-    """One configuration's cost model (seconds): wall seconds as timed, and CPU seconds (the work)."""
+    """One configuration's cost model: wall seconds as timed, and CPU seconds (the work), per part.
+
+    fixed: building, compiling, the first epoch's tracing, the test split, tracking; per_image: a
+    training image; per_epoch: one validation pass. The CPU figures are the process's (all threads).
+    """
 
     fixed: float
     per_image: float
     per_epoch: float
-    cpu_per_image: float = 0.0      # CPU seconds per training image (all threads): what the rung is chosen on
-    parallelism: float = 1.0        # CPU seconds per wall second the machine gives a trial when it is alone
+    cpu_per_image: float = 0.0      # what the rung is chosen on (with the other CPU figures)
+    parallelism: float = 1.0        # CPU seconds per wall second the machine gives training when it is alone
+    cpu_fixed: float = 0.0          # mostly one thread (tracing, Python): counted one to one
+    cpu_per_epoch: float = 0.0
 
-    def predict(self, images: int, epochs: int) -> float:
-        return self.fixed + epochs * (images * self.per_image + self.per_epoch)
+    def predict(self, images: int, epochs: int, validations: int | None = None) -> float:
+        """Wall seconds of a trial of `epochs` epochs that validates `validations` times (default: every epoch)."""
+        passes = epochs if validations is None else validations
+        return self.fixed + epochs * images * self.per_image + passes * self.per_epoch
 
-    def work(self, images: int, epochs: int) -> float:
-        """Wall seconds predicted from the work alone (CPU seconds / parallelism): steady under a competing load."""
-        per_image = self.cpu_per_image / self.parallelism if self.cpu_per_image else self.per_image
-        return self.fixed + epochs * (images * per_image + self.per_epoch)
+    def work(self, images: int, epochs: int, validations: int | None = None) -> float:
+        """Seconds predicted from the work alone (CPU seconds; the parallel parts over the parallelism): steady
+        under a competing load, which stretches wall seconds but hardly CPU seconds."""
+        if not self.cpu_per_image:
+            return self.predict(images, epochs, validations)
+        passes = epochs if validations is None else validations
+        return self.cpu_fixed + (epochs * images * self.cpu_per_image + passes * self.cpu_per_epoch) / self.parallelism
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class PlannedCell:
     epochs: int
     images: int | None = None
     timing: Timing | None = None
+    validations: int | None = None  # passes over the evaluation set (None: every epoch; 1: once, at the end)
 
 
 @dataclass
@@ -91,7 +103,7 @@ class Plan:
         for planned in self.cells:
             if planned.cell == cell and planned.timing is not None:
                 return calibration * planned.timing.predict(images or planned.images or self.train_limit,
-                                                            planned.epochs)
+                                                            planned.epochs, planned.validations)
         raise KeyError(cell)
 
     def to_dict(self) -> dict:

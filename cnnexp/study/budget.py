@@ -51,17 +51,29 @@ def parallelism() -> float:
 
 
 def batch_timer():
-    """A Keras callback timing each training batch in wall and CPU seconds (the process's, all threads)."""
+    """A Keras callback timing each training batch, each epoch and each validation, in wall and CPU seconds (the
+    process's CPU, all threads)."""
     keras = runtime.keras()
 
     class BatchTimer(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
             self.wall, self.cpu, self.epoch = [], [], 0
+            self.epoch_cpu, self.val_cpu = [], []
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
+            self.epoch, self._began, self._val = epoch, time.process_time(), 0.0
             self._mark()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_cpu.append(time.process_time() - self._began)
+            self.val_cpu.append(self._val)
+
+        def on_test_begin(self, logs=None):  # the validation inside `fit`
+            self._test = time.process_time()
+
+        def on_test_end(self, logs=None):
+            self._val += time.process_time() - self._test
 
         def _mark(self):
             self._wall, self._cpu = time.perf_counter(), time.process_time()
@@ -94,28 +106,35 @@ def time_config(overrides: list[str], datasets=None, cap: int | None = None) -> 
     cfg = compose_config(small)
     prepare(cfg, validated=True, datasets=datasets)  # decoding is not a trial's cost: it happens once
     timer = batch_timer()
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     result = run(cfg, validated=True, datasets=datasets, callbacks=[timer])
-    wall = time.perf_counter() - began
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
     seconds, validation = result.history["epoch_seconds"], result.history.get("val_seconds", [0.0] * 3)
-    per_image = statistics.median(timer.wall) / batch
-    steady = per_image * result.train_images + validation[-1]  # an epoch at the median batch
-    # Validation and test scale with their images: the study's sizes, from what the timing run measured.
+    wall_part = _part(statistics.median(timer.wall) / batch, seconds, validation, result, study)
+    cpu_part = _part(statistics.median(timer.cpu) / batch, timer.epoch_cpu, timer.val_cpu, result, study)
+    return Timing(fixed=max(wall - sum(seconds), 0.0) + wall_part[2] + TRACKING_SECONDS, per_image=wall_part[0],
+                  per_epoch=wall_part[1], cpu_per_image=cpu_part[0], parallelism=parallelism(),
+                  cpu_fixed=max(cpu - sum(timer.epoch_cpu), 0.0) + cpu_part[2] + TRACKING_SECONDS,
+                  cpu_per_epoch=cpu_part[1])
+
+
+def _part(per_image: float, epochs: list[float], validation: list[float], result, study) -> tuple[float, float, float]:
+    """(per training image, per validation pass at the study's size, the fixed part of the timed epochs and the
+    test split), from one clock's per-image median and its per-epoch seconds."""
     per_eval_image = statistics.median(validation[1:]) / max(result.eval_images, 1)
+    steady = per_image * result.train_images + statistics.median(validation[1:])  # an epoch at the median batch
+    first = max(epochs[0] - steady, 0.0)  # what the first epoch took beyond a steady one: tracing
     test_extra = per_eval_image * max(0, int(study.dataset.test_limit or 10_000) - result.test_images)
-    if study.dataset.get("eval_limit") is not None:  # a fixed evaluation set: a cost per epoch
-        per_epoch = per_eval_image * int(study.dataset.eval_limit)
-    else:  # a share of the training subset validates: a cost per image
-        per_epoch, per_image = 0.0, per_image + per_eval_image * float(study.train.val_fraction)
-    fixed = max(wall - sum(seconds), 0.0) + max(seconds[0] - steady, 0.0) + TRACKING_SECONDS + test_extra
-    return Timing(fixed=fixed, per_image=per_image, per_epoch=per_epoch,
-                  cpu_per_image=statistics.median(timer.cpu) / batch, parallelism=parallelism())
+    if study.dataset.get("eval_limit") is not None:  # a fixed evaluation set: a cost per pass
+        return per_image, per_eval_image * int(study.dataset.eval_limit), first + test_extra
+    # A share of the training subset validates: a cost per training image.
+    return per_image + per_eval_image * float(study.train.val_fraction), 0.0, first + test_extra
 
 
 def _total(cells: list[PlannedCell], timings: dict[str, Timing], images: int, work: bool = False) -> float:
     def one(c):
         timing = timings[c.cell]
-        return (timing.work if work else timing.predict)(c.images or images, c.epochs)
+        return (timing.work if work else timing.predict)(c.images or images, c.epochs, c.validations)
 
     return sum(c.runs * one(c) for c in cells)
 
@@ -142,7 +161,8 @@ def plan(cells: list[PlannedCell], budget_s: float, full_train: int, share: floa
                           f"seeds that follow; give sweep.budget={int(needed / 60) + 1}m or more, or fewer cells or "
                           "seeds.")
     images = max(fitting)
-    planned = [PlannedCell(c.cell, c.overrides, c.runs, c.epochs, c.images, timings[c.cell]) for c in cells]
+    planned = [PlannedCell(c.cell, c.overrides, c.runs, c.epochs, c.images, timings[c.cell], c.validations)
+               for c in cells]
     return Plan(budget_s=budget_s, train_limit=images, full_train=full_train,
                 first_round_s=_total(cells, timings, images), trials=sum(c.runs for c in cells),
                 device=runtime.device_description(), share=share, cells=planned, pinned=bool(pinned))
@@ -180,7 +200,10 @@ def planned_cells(sweep: Sweep) -> list[PlannedCell]:
         overrides = trial_overrides(sweep, cell)
         cfg = compose_config(overrides)
         images = len(prepare(cfg, validated=True)[1].y_train) if sweep.design.own_data(cell[TASK]) else None
-        cells.append(PlannedCell(config_key(cell), overrides, count, int(cfg.train.epochs), images))
+        # Only the long curve validates every epoch; every other cell once, after its last epoch (objective.py).
+        curve = cell[TASK] == sweep.design.curve_arm or bool(cfg.train.early_stopping.enabled)
+        cells.append(PlannedCell(config_key(cell), overrides, count, int(cfg.train.epochs), images, None,
+                                 None if curve else 1))
     return cells
 
 
