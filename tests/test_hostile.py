@@ -54,6 +54,20 @@ def sweep_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
+def read_only_copy(source: Path, where: Path):
+    """`source` copied onto a tmpfs that is then remounted read-only (root only; skipped where mounting isn't allowed)."""
+    where.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("can't mount a tmpfs here (needs root)")
+    try:
+        (where / source.name).write_bytes(source.read_bytes())
+        subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True, capture_output=True)
+        yield where / source.name
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@contextlib.contextmanager
 def full_disk(where: Path, size: str = "512k"):
     """A tiny tmpfs, filled to the last byte (root only; the test is skipped where mounting isn't allowed)."""
     where.mkdir(parents=True, exist_ok=True)
@@ -572,11 +586,12 @@ def test_the_report_reads_a_read_only_study_writes_only_where_told_and_never_to_
     elsewhere = tmp_path / "planted" / "mlflow.db"
     record.write_study(study, mlflow_tracking_uri=f"sqlite:///{elsewhere}")  # a studies file naming another store
     before = hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest()
-    (tmp_path / "studies.db").chmod(0o444)
+    with read_only_copy(tmp_path / "studies.db", tmp_path / "ro") as mounted:  # root: chmod alone would not stop it
+        storage = f"sqlite:///{mounted}"
+        assert report_cli.main(["tiny", "--storage", storage, "--out", str(tmp_path / "report")]) == 0
+        assert (tmp_path / "report" / "tiny" / "summary.md").exists() and not elsewhere.parent.exists()
+        assert hashlib.sha256(mounted.read_bytes()).hexdigest() == before
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
-    assert report_cli.main(["tiny", "--storage", storage, "--out", str(tmp_path / "report")]) == 0
-    assert (tmp_path / "report" / "tiny" / "summary.md").exists() and not elsewhere.parent.exists()
-    assert hashlib.sha256((tmp_path / "studies.db").read_bytes()).hexdigest() == before
     (tmp_path / "a-file").write_text("x")
     proc = run_cli("cnnexp.report", "tiny", "--storage", storage, "--out", str(tmp_path / "a-file"), cwd=tmp_path)
     one_line_error(proc, "--out: can't write to")
