@@ -17,21 +17,45 @@ import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 REQUESTED = threading.Event()
+_DEFERRED = threading.Event()  # inside `deferred()`: the handler only sets REQUESTED, the loop raises at a batch end
 
 
 class Interrupted(KeyboardInterrupt):
     """A stop was asked for (a signal): the running work ends KILLED and may be resumed."""
 
 
+_HEARD: list[str] = []  # the name of the last stop signal, for the one line that says why the work stopped
+
+
 def _handle(signum, frame):
+    _HEARD[:] = [signal.Signals(signum).name]
     REQUESTED.set()
-    raise Interrupted(signal.Signals(signum).name)
+    if not _DEFERRED.is_set():
+        raise Interrupted(_HEARD[0])
 
 
 def check() -> None:
-    """Raise `Interrupted` if a stop was asked for (the flag a swallowed signal leaves behind)."""
+    """Raise `Interrupted` if a stop was asked for (the flag a swallowed or deferred signal leaves behind)."""
     if REQUESTED.is_set():
-        raise Interrupted("stop requested")
+        raise Interrupted(_HEARD[0] if _HEARD else "stop requested")
+
+
+@contextlib.contextmanager
+def deferred():
+    """While the block runs, a stop signal only sets REQUESTED; the block's loop raises at its next `check()`.
+
+    Keras training: an exception raised at an arbitrary bytecode inside `fit` (TensorFlow's function dispatch,
+    its iterators) was seen to corrupt the heap now and then (`free(): invalid next size`, the process aborted,
+    its run left RUNNING: about 1 stop in 20); raised from a batch-end callback it never was.
+    """
+    was = _DEFERRED.is_set()
+    _DEFERRED.set()
+    try:
+        yield
+    finally:
+        if not was:
+            _DEFERRED.clear()
+    check()
 
 
 @contextlib.contextmanager
@@ -41,6 +65,7 @@ def on_signals():
         yield
         return
     REQUESTED.clear()
+    _HEARD.clear()
     previous = {s: signal.signal(s, _handle) for s in SIGNALS}
     try:
         yield
@@ -49,8 +74,17 @@ def on_signals():
             signal.signal(s, handler)
 
 
-def ignore_signals():
-    """Ignore the stop signals from here on (the few lines that end runs after a stop must not be cut)."""
-    if threading.current_thread() is threading.main_thread():
-        for s in SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
+@contextlib.contextmanager
+def ignoring_signals():
+    """While the block runs, the stop signals are ignored: the few lines that end runs after a stop must not be
+    cut by a second signal. The dispositions come back afterwards: ignored signals are inherited by every
+    process started later (a `make` started by a library caller would ignore SIGTERM for good)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -36,7 +36,6 @@ def report(sweep: Sweep, study) -> int:
         say(write_report(study, settings, sweep.answers, tracking_uri=parent.tracking_uri(sweep)))
         code = 0
     except KeyboardInterrupt:
-        stop.ignore_signals()
         print(f"error: interrupted while writing the report; the study is saved, write it with: {again}",
               file=sys.stderr)
         status, code = "KILLED", 130
@@ -45,7 +44,8 @@ def report(sweep: Sweep, study) -> int:
               f"is saved, write it with: {again}", file=sys.stderr)
         code = 2
     finally:
-        complete = parent.end(study, parent.tracking_uri(sweep), status)  # never left RUNNING, whatever the report did
+        with stop.ignoring_signals():  # never left RUNNING, whatever the report did, nor cut by a second signal
+            complete = parent.end(study, parent.tracking_uri(sweep), status)
     if not complete:
         print(f"error: no trial of study {settings.study_name!r} completed; see the trials' errors in {again}.",
               file=sys.stderr)
@@ -72,8 +72,8 @@ def _run(args) -> int:
         if sweep.settings.get("objectives"):
             parent.register_champion(sweep, study)
     except KeyboardInterrupt:
-        stop.ignore_signals()
-        parent.end(study, parent.tracking_uri(sweep), "KILLED")
+        with stop.ignoring_signals():
+            parent.end(study, parent.tracking_uri(sweep), "KILLED")
         raise
     if args.no_report:
         if finished(study, sweep):  # the last worker ends the parent; a late one finds it ended and leaves it so

@@ -50,6 +50,22 @@ def fresh_process_caches():
 
 
 @pytest.fixture(autouse=True)
+def signals_left_as_found():
+    """After every test: the stop signals are handled as before it. An ignored SIGTERM is inherited by every process
+    started later (a `make` that can't be stopped), so code that ignores signals must give them back."""
+    import signal
+
+    watched = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in watched}
+    yield
+    after = {s: signal.getsignal(s) for s in watched}
+    for s, handler in before.items():
+        signal.signal(s, handler)  # the next tests run as they would alone
+    changed = {signal.Signals(s).name: str(after[s]) for s in watched if after[s] != before[s]}
+    assert not changed, f"the test left stop signals handled otherwise: {changed}"
+
+
+@pytest.fixture(autouse=True)
 def reports_say_what_their_numbers_say(tmp_path):
     """After every test: each report it wrote has verdicts its own numbers support (an `effect` row's CI excludes 0,
     an `equivalent` row's lies within +-margin)."""

@@ -101,9 +101,10 @@ def optimize(sweep: Sweep, show_progress: bool = True, recycle_after: int | None
         try:
             loop.run()
         except KeyboardInterrupt:
-            stop.ignore_signals()  # the lines that end the runs must not be cut by a second signal
-            say("Interrupted: the running trial is marked FAIL, the study is saved; rerun the same command to resume.")
-            parent.end(study, parent.tracking_uri(sweep), "KILLED")
+            with stop.ignoring_signals():  # the lines that end the runs must not be cut by a second signal
+                say("Interrupted: the running trial is marked FAIL, the study is saved; rerun the same command to "
+                    "resume.")
+                parent.end(study, parent.tracking_uri(sweep), "KILLED")
             raise
         finally:
             bar.close()

@@ -14,11 +14,31 @@ import statistics
 import time
 import warnings
 
+from cnnexp import stop
 from cnnexp.runtime import keras
 
 # The cross-entropy of a softmax is at most about 16 per image (probabilities are clipped at
 # 1e-7); a mean loss beyond this has blown up numerically even when it is still finite.
 DIVERGED_LOSS = 1e4
+
+
+def stop_at_batch_end():
+    """A callback that ends `fit` with `stop.Interrupted` at the batch end after a stop signal (`stop.deferred`).
+
+    Listed last: an epoch that ended is checkpointed and reported before the stop.
+    """
+
+    class StopAtBatchEnd(keras().callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            stop.check()
+
+        def on_test_batch_end(self, batch, logs=None):
+            stop.check()
+
+        def on_epoch_end(self, epoch, logs=None):
+            stop.check()
+
+    return StopAtBatchEnd()
 
 
 def epoch_timer():

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cnnexp import stop
 from cnnexp.errors import NonFiniteLossError
 from cnnexp.runtime import keras
-from cnnexp.train.callbacks import at_chance, checkpoint, epoch_timer, nan_guard
+from cnnexp.train.callbacks import at_chance, checkpoint, epoch_timer, nan_guard, stop_at_batch_end
 from cnnexp.train.options import optimizer_settings, steps_per_execution
 from cnnexp.train.pipeline import fit_inputs
 from cnnexp.train.pipeline import steps_per_epoch as count_steps
@@ -132,8 +133,9 @@ def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None, curve
     if backup is not None and not model.built:
         model.build((None, *data.input_shape))
     start = time.perf_counter()
-    fitted = model.fit(**inputs, epochs=int(train_cfg.epochs), validation_data=validation if curve else None,
-                       callbacks=listed, verbose=int(train_cfg.verbose))
+    with stop.deferred():  # a stop signal ends training at the next batch end, never inside TensorFlow's dispatch
+        fitted = model.fit(**inputs, epochs=int(train_cfg.epochs), validation_data=validation if curve else None,
+                           callbacks=[*listed, stop_at_batch_end()], verbose=int(train_cfg.verbose))
     seconds = time.perf_counter() - start
     if guard.reason:
         _, lr, _ = optimizer_settings(train_cfg)
