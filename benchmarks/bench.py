@@ -98,7 +98,8 @@ def bare_fit(cfg, callbacks=()) -> dict:
     k.backend.clear_session()
     k.utils.set_random_seed(int(cfg.train.seed))
     model = build_model(layers, data.input_shape, data.num_classes, cfg.model.padding)
-    model.compile(optimizer=make_optimizer(cfg.train, 1000), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=make_optimizer(cfg.train, 1000), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
     timer = epoch_timer()
     began = time.perf_counter()
     history = model.fit(data.x_train, data.y_train, batch_size=int(cfg.train.batch_size),
@@ -339,14 +340,17 @@ def to_markdown(report: dict) -> str:
     r = m["recycled"] if m else None
     lines += [] if m is None else ["", "## 4. Memory over consecutive trials (target: growth <= 100 MB)", "",
               f"In one process (the API, `sweep.recycle_after=0`): RSS after each of {m['trials']} trials (MB): "
-              f"{m['rss_mb_after_each']}; growth after warm-up **{m['growth_mb_after_warmup']} MB**, peak {m['peak_mb']} MB.",
+              f"{m['rss_mb_after_each']}; growth after warm-up **{m['growth_mb_after_warmup']} MB**, "
+              f"peak {m['peak_mb']} MB.",
               "", f"The CLI (restarts its process every {r['recycle_after']} trials): peak RSS in the first quarter "
-              f"{r['peak_first_quarter_mb']} MB, in the last {r['peak_last_quarter_mb']} MB: growth **{r['growth_mb']} MB**, "
-              f"peak {r['peak_mb']} MB."]
+              f"{r['peak_first_quarter_mb']} MB, in the last {r['peak_last_quarter_mb']} MB: "
+              f"growth **{r['growth_mb']} MB**, peak {r['peak_mb']} MB."]
     w = report.get("workers", {})
-    lines += [] if not w else ["", f"## 5. Local workers on one study ({runtime.device_description()}; SQLite storage)", "",
-              "| workers | trials | wall (s) | trials/hour |", "|---:|---:|---:|---:|"]
-    lines += [f"| {k} | {v['complete']}/{v['trials']} | {v['wall_seconds']} | {v['trials_per_hour']} |" for k, v in w.items()]
+    lines += [] if not w else ["",
+                               f"## 5. Local workers on one study ({runtime.device_description()}; SQLite storage)", "",
+                               "| workers | trials | wall (s) | trials/hour |", "|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {v['complete']}/{v['trials']} | {v['wall_seconds']} | {v['trials_per_hour']} |"
+              for k, v in w.items()]
     if not (m and w):
         lines += ["", "(memory soak and local workers: `make bench FULL=1`)"]
     d = report["data"]

@@ -108,7 +108,8 @@ def resolved_config(cfg: DictConfig, layers: list[LayerSpec]) -> DictConfig:
 
 
 def _tags(overrides: Sequence[str], dataset: Dataset, extra: dict | None) -> dict:
-    return {f"{runs.TAG_PREFIX}command": overrides_to_command(overrides), "mlflow.source.git.commit": runtime.git_commit(),
+    return {f"{runs.TAG_PREFIX}command": overrides_to_command(overrides),
+            "mlflow.source.git.commit": runtime.git_commit(),
             f"{runs.TAG_PREFIX}device": runtime.device_description(),
             f"{runs.TAG_PREFIX}dataset_fingerprint": dataset.fingerprint,
             f"{runs.TAG_PREFIX}keras_backend": runtime.keras().backend.backend(),

@@ -84,7 +84,8 @@ def _margin_of(effects_csv: Path) -> float:
     import re
 
     summary = effects_csv.with_name("summary.md")
-    found = re.search(r"within \+-([0-9.]+) points \(answers.margin\)", summary.read_text()) if summary.exists() else None
+    found = (re.search(r"within \+-([0-9.]+) points \(answers.margin\)", summary.read_text())
+             if summary.exists() else None)
     return float(found[1]) / 100 if found else 0.015
 
 

@@ -43,7 +43,8 @@ def start_worker(path, *overrides, log: Path, worker: int = 0):
 
 def load(path, *overrides):
     s = load_sweep(str(path), list(overrides))
-    return s, optuna.load_study(study_name=s.settings.study_name, storage=study.make_storage(str(s.settings.storage), s.settings))
+    storage = study.make_storage(str(s.settings.storage), s.settings)
+    return s, optuna.load_study(study_name=s.settings.study_name, storage=storage)
 
 
 def wait_for(condition, timeout=300, every=0.5, what="condition"):

@@ -200,7 +200,8 @@ def test_mnist_npz_and_fashion_mnist_idx_layouts(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     home = tmp_path / "home" / "datasets"
     home.mkdir(parents=True)
-    x_train, x_test = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    x_train, x_test = (rng.integers(0, 256, (60, 28, 28), dtype=np.uint8),
+                       rng.integers(0, 256, (20, 28, 28), dtype=np.uint8))
     y_train, y_test = np.arange(60) % 10, np.arange(20) % 10
     np.savez(home / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     fashion = home / "fashion-mnist"
@@ -261,7 +262,8 @@ class _Py2Pickler(pickle._Pickler):
     """Writes bytes as Python 2 `str` opcodes, as the published CIFAR-10 batches (pickled by Python 2) do."""
 
     def save_bytes(self, obj):
-        header = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else pickle.BINSTRING + struct.pack("<i", len(obj))
+        header = (pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256
+                  else pickle.BINSTRING + struct.pack("<i", len(obj)))
         self.write(header + obj)
         self.memoize(obj)
 
@@ -403,7 +405,8 @@ def test_damaged_cifar10_cache_is_rebuilt(tmp_path, caplog):
     (lambda a: {**a, "x_train": np.zeros_like(a["x_train"]), "x_test": np.zeros_like(a["x_test"])}, "every pixel is 0"),
     (lambda a: {**a, "y_train": a["y_train"] + 5}, "labels span"),
     (lambda a: {**a, "x_train": a["x_train"][:, :4], "x_test": a["x_test"][:, :4]}, "not uint8"),
-    (lambda a: {**a, "y_train": np.minimum(a["y_train"], 1), "y_test": np.minimum(a["y_test"], 1)}, "class 'c' has no images"),
+    (lambda a: {**a, "y_train": np.minimum(a["y_train"], 1), "y_test": np.minimum(a["y_test"], 1)},
+     "class 'c' has no images"),
     (lambda a: {**a, "x_train": a["x_train"][:-5], "y_train": a["y_train"][:-5]}, "the source lists 90"),
 ])
 def test_valid_cache_with_the_wrong_data_is_rebuilt(tmp_path, small_tree, caplog, tamper, why):
@@ -503,8 +506,10 @@ def test_subset_decodes_only_its_images_and_equals_sampling_the_full_decode(tmp_
     assert len(decoded) == 42 + 120
     rows = subset_indices(full.y_train, full.y_test, cfg)
     picked = load._subset(cfg, locate.locate(cfg))
-    assert np.array_equal(picked.x_train, full.x_train[rows.train]) and np.array_equal(picked.y_train, full.y_train[rows.train])
-    assert np.array_equal(picked.x_test, full.x_test[rows.test]) and np.array_equal(picked.y_test, full.y_test[rows.test])
+    assert (np.array_equal(picked.x_train, full.x_train[rows.train])
+            and np.array_equal(picked.y_train, full.y_train[rows.train]))
+    assert (np.array_equal(picked.x_test, full.x_test[rows.test])
+            and np.array_equal(picked.y_test, full.y_test[rows.test]))
     assert np.array_equal(subset.x_test, picked.x_test.astype(np.float32) / 255)
 
     decoded.clear()  # and the cached subset is not decoded again
@@ -574,7 +579,8 @@ def test_empty_class_folder_is_refused(tmp_path, as_archive):
     (tree / "train" / "zebra").mkdir()
     source = _tar_gz(tree, tmp_path / "pets.tar.gz") if as_archive else tree
     where = f"{source}:pets/train/zebra/" if as_archive else f"{tree}/train/zebra/"
-    with pytest.raises(DataError, match=re.escape(f"Class folder {where} holds no images (") + ".*remove it or add images"):
+    wanted = re.escape(f"Class folder {where} holds no images (") + ".*remove it or add images"
+    with pytest.raises(DataError, match=wanted):
         load.load_raw(folder_cfg(tmp_path, source))
 
 

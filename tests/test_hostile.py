@@ -55,7 +55,8 @@ def sweep_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 @contextlib.contextmanager
 def read_only_copy(source: Path, where: Path):
-    """`source` copied onto a tmpfs that is then remounted read-only (root only; skipped where mounting isn't allowed)."""
+    """`source` copied onto a tmpfs that is then remounted read-only (root only; skipped where mounting isn't
+    allowed)."""
     where.mkdir(parents=True, exist_ok=True)
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True).returncode:
         pytest.skip("can't mount a tmpfs here (needs root)")
@@ -152,7 +153,8 @@ def test_a_budget_that_cannot_fit_says_the_smallest_that_would(tmp_path):
     doc = {"overrides": ["dataset=folder", f"dataset.path={tree}", "model.layers.8.units=2", "train.batch_size=100",
                          *tracking_overrides(tmp_path)],
            "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}},
-           "sweep": {"budget": "1s", "storage": f"sqlite:///{tmp_path / 'studies.db'}", "output_dir": str(tmp_path / "o")}}
+           "sweep": {"budget": "1s", "storage": f"sqlite:///{tmp_path / 'studies.db'}",
+                     "output_dir": str(tmp_path / "o")}}
     (tmp_path / "budget.yaml").write_text(yaml.safe_dump(doc))
     one_line_error(sweep_cli(tmp_path, "--sweep", str(tmp_path / "budget.yaml")), "can't fit this study",
                    "give sweep.budget=")
@@ -337,7 +339,8 @@ def test_a_damaged_or_foreign_storage_is_one_line_and_never_written_to(tmp_path,
 
 def test_a_storage_on_a_full_disk_is_one_line(tmp_path):
     with full_disk(tmp_path / "full") as disk:
-        path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"storage": f"sqlite:///{disk / 'studies.db'}"})
+        path = write_sweep(tmp_path, {"kernel": "choice(3,5)"},
+                           settings={"storage": f"sqlite:///{disk / 'studies.db'}"})
         one_line_error(sweep_cli(tmp_path, "--sweep", str(path)), "sweep.storage")
 
 
@@ -360,7 +363,8 @@ def test_no_module_in_the_working_folder_runs_from_any_entry_point_and_hydra_key
         (tmp_path / f"{name}.py").write_text(PROBE)
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     settings = {"storage": storage, "output_dir": str(tmp_path / "out")}
-    bundles = {"file.yaml": {"overrides": ["hydra.searchpath=[pkg://hostile_probe]"], "params": {"kernel": "choice(3,5)"}},
+    bundles = {"file.yaml": {"overrides": ["hydra.searchpath=[pkg://hostile_probe]"],
+                             "params": {"kernel": "choice(3,5)"}},
                "key.yaml": {"params": {"hydra.searchpath": "choice([pkg://hostile_probe])"}},
                "arm.yaml": {"design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]},
                                        "arms": {"x": ["hydra.searchpath=[pkg://hostile_probe]"]}}}}
@@ -446,7 +450,8 @@ def test_sighup_during_the_trials_fails_and_requeues_the_trial_and_kills_every_r
 def test_a_stop_during_the_plans_timing_is_heard_within_a_batch(tmp_path):
     doc = {"overrides": [*TINY, *tracking_overrides(tmp_path)],
            "design": {"seeds": 2, "baseline": {"kernel": 3}, "vary": {"kernel": [3, 5]}},
-           "sweep": {"budget": "30m", "storage": f"sqlite:///{tmp_path / 'studies.db'}", "output_dir": str(tmp_path / "o")}}
+           "sweep": {"budget": "30m", "storage": f"sqlite:///{tmp_path / 'studies.db'}",
+                     "output_dir": str(tmp_path / "o")}}
     (tmp_path / "planned.yaml").write_text(yaml.safe_dump(doc))
     proc = _start(tmp_path, "cnnexp.sweep", "--sweep", "planned.yaml")
     started = time.monotonic()
@@ -688,7 +693,8 @@ def test_a_bad_value_for_a_sweep_is_one_line_and_creates_no_study(tmp_path, monk
     ("[1, 2]\n", "is not a sweep file (it holds a list)"),
     ("5\n", "is not a sweep file"),
     ("sweep: [1,\n", "is not a sweep file (while parsing"),
-    ("sweep: !!python/object/apply:os.system ['touch RAN']\n", "is not a sweep file (could not determine a constructor"),
+    ("sweep: !!python/object/apply:os.system ['touch RAN']\n",
+     "is not a sweep file (could not determine a constructor"),
 ])
 def test_every_section_of_a_sweep_file_has_its_type_checked_in_one_line(tmp_path, monkeypatch, capsys, text, wanted):
     from cnnexp import sweep
@@ -830,7 +836,8 @@ def test_run_sweep_report_and_ui_leave_home_untouched_but_the_configured_cache(t
     # The decode cache and matplotlib's font cache under ~/.cache/cnnexp; Keras' own config in ~/.keras, the
     # documented Keras folder ($KERAS_HOME), which Keras writes when it is imported. Nothing else: no
     # ~/.config/mlflow/telemetry.json, no ~/.cache/matplotlib or ~/.config/matplotlib.
-    assert {p for p in written if not p.startswith(".cache/cnnexp")} <= {".cache", ".keras", ".keras/keras.json"}, written
+    outside_cnnexp = {p for p in written if not p.startswith(".cache/cnnexp")}
+    assert outside_cnnexp <= {".cache", ".keras", ".keras/keras.json"}, written
     assert any(p.startswith(".cache/cnnexp/matplotlib/fontlist") for p in written), written  # the report drew plots
 
 
@@ -854,7 +861,7 @@ def test_mlflow_telemetry_is_off_unless_tracking_telemetry_turns_it_on(tmp_path,
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
 
-# --- 8. the UI: names, YAML, unreachable stores, ports in use, another tool's file --------------------------------------
+# --- 8. the UI: names, YAML, unreachable stores, ports in use, another tool's file ------------------------------------
 
 @pytest.mark.parametrize(("args", "wanted"), [
     (["mlflow-url", "--study", "tiny'x"], """--study="tiny'x" may hold only letters, digits"""),
@@ -862,7 +869,8 @@ def test_mlflow_telemetry_is_off_unless_tracking_telemetry_turns_it_on(tmp_path,
     (["mlflow-url", "--sweep", "list.yaml"], "list.yaml=[1, 2] must be a mapping of sections"),
     (["mlflow-url", "--sweep", "scalar.yaml"], "scalar.yaml=5 must be a mapping of sections"),
     (["mlflow-url", "--sweep", "bad.yaml"], "bad.yaml is not a readable sweep file (while parsing"),
-    (["mlflow-url", "--sweep", "code.yaml"], "code.yaml is not a readable sweep file (could not determine a constructor"),
+    (["mlflow-url", "--sweep", "code.yaml"],
+     "code.yaml is not a readable sweep file (could not determine a constructor"),
     (["mlflow-url", "--sweep", "sweep5.yaml"], "sweep5.yaml: sweep=5 must be a mapping of settings"),
     (["mlflow", "--sweep", "name.yaml"], "sweep.study_name=\"x'\" may hold only letters"),
     (["mlflow", "--port", "0"], "--port 0 must be in 1..65535"),

@@ -77,8 +77,9 @@ def test_offline_install_then_a_sweep_on_jax_imports_nothing_from_tensorflow(jax
         "(the JAX path, augmented per image in NumPy)."], refused.stderr[-2000:]
 
     doc = {
-        "overrides": ["dataset=folder", f"dataset.path={CIFAR_JPEG}", "dataset.train_limit=1000", "dataset.test_limit=300",
-                      "+width=0.25", "train.epochs=2", "train.optimizer=adam", "train.pipeline=numpy",
+        "overrides": ["dataset=folder", f"dataset.path={CIFAR_JPEG}", "dataset.train_limit=1000",
+                      "dataset.test_limit=300", "+width=0.25", "train.epochs=2", "train.optimizer=adam",
+                      "train.pipeline=numpy",
                       *tracking_overrides(tmp_path)],
         "sweep": {"n_trials": 2, "storage": f"sqlite:///{tmp_path / 'studies.db'}", "output_dir": str(tmp_path / "out"),
                   "estimate": False, "system_metrics": False, "sampler": {"name": "grid"}, "log_models": "best"},

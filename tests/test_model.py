@@ -31,10 +31,12 @@ def test_readable_and_tuple_forms_are_the_same_model():
     assert parse_layers(readable) == parse_layers([("c", 8, 3), ("m", 2), ("f", None), ("d", 10)])
     modern_readable = [
         {"type": "conv", "filters": 16, "kernel": 3, "activation": "none", "bias": False}, {"type": "batchnorm"},
-        {"type": "activation", "fn": "gelu"}, {"type": "pool", "size": 2, "kind": "avg"}, {"type": "dropout", "rate": 0.1},
+        {"type": "activation", "fn": "gelu"}, {"type": "pool", "size": 2, "kind": "avg"},
+        {"type": "dropout", "rate": 0.1},
         {"type": "residual", "layers": [{"type": "conv", "filters": 24, "kernel": 3}, {"type": "batchnorm"}]},
         {"type": "residual", "layers": [{"type": "conv", "filters": 24, "kernel": 3, "activation": "gelu"}]},
-        {"type": "pool", "size": 2}, {"type": "global_pool", "kind": "max"}, {"type": "dense", "units": 10, "bias": False}]
+        {"type": "pool", "size": 2}, {"type": "global_pool", "kind": "max"},
+        {"type": "dense", "units": 10, "bias": False}]
     assert parse_layers(modern_readable) == parse_layers(MODERN)
     # What is logged re-parses to the same network (the last dense layer says softmax).
     assert parse_layers(layers_config(parse_layers(MODERN)))[:-1] == parse_layers(MODERN)[:-1]
@@ -107,8 +109,10 @@ def test_a_width_that_is_not_a_positive_finite_number_is_one_clear_error(value):
         ([("c", 8, 3), ("d", 10)], (32, 32, 3), "same", r"model.layers.1: a dense layer is fed the 4-D map .* flatten"),
         ([("c", 8, 3, "swish"), ("gm",), ("d", 10)], (32, 32, 3), "same",
          r"model.layers.0.activation='swish' must be one of relu, gelu, none"),
-        ([("a", "none"), ("gm",), ("d", 10)], (32, 32, 3), "same", r"model.layers.0.fn='none' must be one of relu, gelu"),
-        ([("c", 8, 3, "relu", "yes"), ("gm",), ("d", 10)], (32, 32, 3), "same", r"model.layers.0.bias='yes' must be true"),
+        ([("a", "none"), ("gm",), ("d", 10)], (32, 32, 3), "same",
+         r"model.layers.0.fn='none' must be one of relu, gelu"),
+        ([("c", 8, 3, "relu", "yes"), ("gm",), ("d", 10)], (32, 32, 3), "same",
+         r"model.layers.0.bias='yes' must be true"),
         ([("r", 1.5), ("gm",), ("d", 10)], (32, 32, 3), "same", r"model.layers.0.rate=1.5 must be < 1"),
         ([("gm",), ("gm",), ("d", 10)], (32, 32, 3), "same", r"model.layers.1: a global_pool layer needs a 3-D"),
         ([("res", [("m", 2)]), ("gm",), ("d", 10)], (32, 32, 3), "same",

@@ -89,7 +89,8 @@ def test_equivalence_is_declared_when_the_values_truly_agree_and_not_when_they_d
     agree = [answers(design_study(rng, {"width": [0.25, 0.5, 1.0]}, {"width": 0.5}, {}, 0.005, 8, 24),
                      ["width"], {"width": "categorical"}, margin=0.015)[0].verdict for _ in range(100)]
     assert _rate(agree, "equivalent") >= 0.9
-    apart = [answers(design_study(rng, {"width": [0.25, 0.5, 1.0]}, {"width": 0.5}, {"width": {1.0: 0.03}}, 0.01, 4, 12),
+    apart = [answers(design_study(rng, {"width": [0.25, 0.5, 1.0]}, {"width": 0.5}, {"width": {1.0: 0.03}},
+                                  0.01, 4, 12),
                      ["width"], {"width": "categorical"}, margin=0.015)[0].verdict for _ in range(STUDIES)]
     assert _rate(apart, "equivalent") <= 0.07
 
@@ -173,7 +174,8 @@ def test_adjusted_means_remove_a_confounded_factor_in_an_optimisers_study():
     table = table[~((table["a"] != table["b"]) & (table.groupby(["a", "b"]).cumcount() > 0))]  # a=1 comes with b=1
     raw = table.groupby("a")["objective"].mean()
     assert raw[1] - raw[0] > 0.03  # marginally, a looks like an effect
-    by = {x.parameter: x for x in answers(table, ["a", "b"], {"a": "categorical", "b": "categorical"}, seed_column=None)}
+    by = {x.parameter: x
+          for x in answers(table, ["a", "b"], {"a": "categorical", "b": "categorical"}, seed_column=None)}
     assert by["a"].verdict != "effect" and abs(by["a"].estimate) < 0.02 and by["b"].verdict == "effect"
 
 

@@ -72,7 +72,8 @@ def test_sweep_records_trials_in_optuna_mlflow_and_the_report(tmp_path):
                                          "estimate", "ci_low", "ci_high"]
     assert {"kernel", "train.batch_size"} <= set(effects["parameter"])
     summary = (out / "summary.md").read_text()
-    assert summary.index("## Answers") < summary.index("## Questions") and "**kernel** (`kernel`" in summary  # a search names its keys
+    # a search names its keys
+    assert summary.index("## Answers") < summary.index("## Questions") and "**kernel** (`kernel`" in summary
     for plot in ("history.png", "answers.png", "learning_curves.png", "score_vs_kernel.png",
                  "score_vs_train.batch_size.png"):
         assert (out / "plots" / plot).stat().st_size > 5000, plot
@@ -203,7 +204,8 @@ def test_unwritable_output_folder_is_found_before_the_first_trial(tmp_path):
     path = write_sweep(tmp_path, {"kernel": "choice(3)"}, settings={"output_dir": str(blocker / "out")})
     with pytest.raises(StorageError, match=r"sweep.output_dir: can't write to .*not-a-folder/out"):
         engine.optimize(load_sweep(str(path)), show_progress=False)
-    assert not (tmp_path / "studies.db").exists() or not study.load_study("tiny", f"sqlite:///{tmp_path / 'studies.db'}").trials
+    assert (not (tmp_path / "studies.db").exists()
+            or not study.load_study("tiny", f"sqlite:///{tmp_path / 'studies.db'}").trials)
 
 
 @needs_cifar
@@ -377,7 +379,8 @@ def test_recycled_workers_finish_queued_cells_and_repeats(tmp_path):
 @needs_cifar
 def test_a_multi_objective_study_draws_its_front_and_registers_the_most_accurate_feasible_model(tmp_path):
     path = write_sweep(tmp_path, {"kernel": "choice(2,3,5)"}, settings={
-        "n_trials": 3, "sampler": {"name": "grid"}, "log_models": "all", "constraints": ["model.flops_per_image <= 20000000"],
+        "n_trials": 3, "sampler": {"name": "grid"}, "log_models": "all",
+        "constraints": ["model.flops_per_image <= 20000000"],
         "objectives": [{"metric": "model.flops_per_image", "direction": "minimize"}]})
     with pytest.raises(ConfigError, match="sweep.constraints need a sampler that takes them"):
         engine.optimize(load_sweep(str(path)), show_progress=False)  # grid can't take constraints

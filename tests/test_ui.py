@@ -107,7 +107,8 @@ def browse(url: str, profile: Path, *options: str) -> str:
 def text_of(dom: str) -> str:
     """The page's visible words, one element per line."""
     body = re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S)
-    return "\n".join(line.strip() for line in html.unescape(re.sub(r"<[^>]+>", "\n", body)).splitlines() if line.strip())
+    text = html.unescape(re.sub(r"<[^>]+>", "\n", body))
+    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def title_of(dom: str) -> str:

@@ -75,7 +75,8 @@ class StaleTrialCallback:
             lost = runs.Run(facts.mlflow_run_id)
             will_retry = self.retry is not None and len(record.retry_history(frozen)) < self.retries
             lost.set_tags({"optuna.trial_state": "RETRYING" if will_retry else "FAIL"})
-            lost.end("FAILED", error=LOST + ("; resumed from its last checkpoint by another worker" if will_retry else ""))
+            lost.end("FAILED",
+                     error=LOST + ("; resumed from its last checkpoint by another worker" if will_retry else ""))
         if self.retry is not None:
             self.retry(study, frozen)
 
@@ -122,7 +123,8 @@ class Objective:
                 result = run(attempt.cfg, overrides=attempt.overrides, parent_run_id=self.parent_run_id,
                              run_id=child.run_id, run_name=attempt.name, checkpoint_dir=folder, validated=True,
                              datasets=self.datasets, curve=attempt.curve, keep_correct=attempt.keep_correct,
-                             callbacks=[report_and_prune(trial, str(self.settings.metric), int(attempt.cfg.train.epochs),
+                             callbacks=[report_and_prune(trial, str(self.settings.metric),
+                                                         int(attempt.cfg.train.epochs),
                                                          prunable=attempt.repeat_of is None and not self.multi,
                                                          report=not self.multi)])
             values = [self._value(result, metric) for metric, _ in objectives(self.settings)]
@@ -288,7 +290,8 @@ class Objective:
                      epochs_run=int(metrics["epochs_run"]), num_params=result.cost.params, flops=result.cost.flops,
                      epochs_trained_here=int(metrics["epochs_run"]) - result.resumed_from_epoch,
                      resumed_from_epoch=result.resumed_from_epoch or None, train_images=result.train_images,
-                     updates=result.updates, epoch_seconds=[round(s, 3) for s in result.history.get("epoch_seconds", [])],
+                     updates=result.updates,
+                     epoch_seconds=[round(s, 3) for s in result.history.get("epoch_seconds", [])],
                      step_seconds=round(sum(result.history.get("epoch_seconds", [])) - sum(
                          result.history.get("val_seconds", [])), 3),
                      eval_images=result.eval_images, test_images=result.test_images,

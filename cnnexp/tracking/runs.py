@@ -243,8 +243,8 @@ class Run:
             except Exception as err:  # noqa: BLE001
                 if not _transient(err) or time.monotonic() + wait > deadline:
                     warnings.warn(f"MLflow: run {self.run_id} could not be ended {status} within {END_RETRY_SECONDS}s "
-                                  f"({str(err).splitlines()[0][:300]}); it shows RUNNING until `python -m cnnexp.report` "
-                                  "or a rerun ends it.", stacklevel=2)
+                                  f"({str(err).splitlines()[0][:300]}); it shows RUNNING until "
+                                  "`python -m cnnexp.report` or a rerun ends it.", stacklevel=2)
                     return
                 time.sleep(wait)
                 wait = min(wait * 2, 15.0)
@@ -364,7 +364,8 @@ def study_run(tracking_cfg, study_name: str, params: dict, known_id: str | None 
             except MlflowException:
                 pass  # deleted, or another store: look it up by the study's uuid
         found = client.search_runs(
-            [experiment_id], filter_string=f"tags.`cnnexp.study_uuid` = '{study_uuid}' and tags.`cnnexp.role` = 'study'",
+            [experiment_id],
+            filter_string=f"tags.`cnnexp.study_uuid` = '{study_uuid}' and tags.`cnnexp.role` = 'study'",
             order_by=["attributes.start_time ASC"], max_results=1)
         return found[0].info.run_id if found else None
 

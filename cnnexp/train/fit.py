@@ -62,7 +62,8 @@ def _callbacks(train_cfg, extra, checkpoint_dir):
 
 
 def evaluate(model, x, y, train_cfg) -> tuple[float, float]:
-    """(loss, accuracy) of `model` on (x, y); with `train.augment.tta_flip`, of the mean of x's and its mirror's predictions."""
+    """(loss, accuracy) of `model` on (x, y); with `train.augment.tta_flip`, of the mean of x's and its mirror's
+    predictions."""
     batch = max(int(train_cfg.batch_size), 256)
     if not train_cfg.augment.tta_flip:
         loss, accuracy = model.evaluate(x, y, batch_size=batch, verbose=0)

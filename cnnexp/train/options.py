@@ -72,7 +72,8 @@ def validate_train_config(train_cfg) -> None:
     _validate_augment(train_cfg.augment)
     stopping = train_cfg.early_stopping
     if stopping.enabled:
-        checks.choice(stopping.monitor, "train.early_stopping.monitor", ("val_loss", "val_accuracy", "loss", "accuracy"))
+        checks.choice(stopping.monitor, "train.early_stopping.monitor",
+                      ("val_loss", "val_accuracy", "loss", "accuracy"))
         checks.number(stopping.patience, "train.early_stopping.patience", integer=True, low=0)
 
 

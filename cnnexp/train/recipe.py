@@ -72,7 +72,8 @@ def learning_rate(train_cfg, total_steps: int):
     if schedule.name == "cosine":
         warmup = int(round(float(schedule.warmup) * total_steps))
         return keras().optimizers.schedules.CosineDecay(
-            initial_learning_rate=lr * float(schedule.final) if warmup else lr, decay_steps=max(1, total_steps - warmup),
+            initial_learning_rate=lr * float(schedule.final) if warmup else lr,
+            decay_steps=max(1, total_steps - warmup),
             alpha=float(schedule.final), warmup_target=lr if warmup else None, warmup_steps=warmup)
     triangular, _ = _serializable()
     return triangular(lr, total_steps, float(schedule.warmup), float(schedule.final))
