@@ -80,7 +80,7 @@ dashboard: install ## optuna-dashboard on http://127.0.0.1:$(DASHBOARD_PORT) ove
 		$(UI_STUDY)
 
 test: install wheels ## The tests CI runs: offline, real training on small subsets; cluster tests skip without their services
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test-fast: install wheels ## Only the fast tier (no multi-worker, server or Slurm tests)
 	$(PY) -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)

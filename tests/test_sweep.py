@@ -316,15 +316,21 @@ def test_log_models_all_or_none(tmp_path, log_models):
 
 
 @needs_cifar
-def test_the_estimate_says_what_it_counts(tmp_path):
-    from cnnexp.study.budget import estimate
+def test_the_estimate_says_what_it_counts(tmp_path, monkeypatch):
+    from cnnexp.plan import Timing
+    from cnnexp.study import budget
 
     path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, settings={"n_trials": 4})
     s = load_sweep(str(path))
-    message = estimate(s.overrides, 4, 2, 900)
+    message = budget.estimate(s.overrides, 4, 2, 900)  # one real timing of the base configuration
     assert message.startswith("No GPU found") and "up to 4 trials x 2 epochs x 900 training images" in message
+    rate = float(message.split("at ~")[1].split(" images/s")[0])
     minutes = float(message.split("roughly ")[1].split(" min")[0])
-    assert 0 < minutes < 10  # 4 tiny trials on 2 cores: seconds each, not hours
+    assert minutes >= 4 * 2 * 900 / rate / 60 - 0.05  # at least the training images at the rate it states
+    # The arithmetic on a known cost model: trials x (fixed + epochs x images x per image + a validation per epoch).
+    monkeypatch.setattr(budget, "time_config", lambda overrides, datasets=None: Timing(30.0, 0.01, 5.0))
+    message = budget.estimate(s.overrides, 6, 3, 1000)
+    assert "at ~100 images/s" in message and "roughly 7.5 min" in message  # 6 x (30 + 30 + 15) s
 
 
 @needs_cifar
