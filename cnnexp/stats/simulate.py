@@ -80,7 +80,8 @@ class Simulator:
     def first_round(self, arm_runs: int = 0) -> pd.DataFrame:
         """Every cell with its first seeds (the baseline with about sqrt(k) times as many), and the long arm's runs
         at the baseline's epochs (baseline replicates of their own)."""
-        parts = [self.runs(cell, count) for cell, count in self.design.first_round()]
+        parts = [self.runs(cell, count) for cell, count in self.design.first_round()
+                 if cell.get(TASK, self.design.main) == self.design.main]  # an arm of its own task is measured apart
         if arm_runs:
             parts.append(self.runs(self.design.baseline_cell(), arm_runs, from_epochs_arm=True))
         return pd.concat(parts, ignore_index=True)
