@@ -38,12 +38,13 @@ def isolated_environment(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def fresh_process_caches():
     """Each test starts with the per-process caches empty: what one test learnt of a store never leaks to the next."""
-    from cnnexp import stores
+    from cnnexp import stop, stores
     from cnnexp.data import cache
     from cnnexp.tracking import runs, store
 
     for memo in (store.CONTACTS, runs.WARNED, cache.FOLDERS, stores.ENGINES):
         memo.clear()
+    stop.REQUESTED.clear()  # a stop heard in an earlier test never ends this one's training
     yield
     if "keras" in sys.modules:  # a test that trained under another dtype policy leaves float32 behind it
         sys.modules["keras"].mixed_precision.set_global_policy("float32")

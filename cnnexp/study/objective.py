@@ -119,7 +119,9 @@ class Objective:
         child = self._child_run(trial, attempt)
         folder = self.checkpoints / attempt.key
         try:
-            with child.system_metrics(bool(self.settings.system_metrics)):
+            # A stop is heard at a batch end or when the run returns, never raised inside TensorFlow's building or
+            # dispatch (a worker was seen to segfault on a SIGTERM 2 s into its trial).
+            with child.system_metrics(bool(self.settings.system_metrics)), stop.deferred():
                 result = run(attempt.cfg, overrides=attempt.overrides, parent_run_id=self.parent_run_id,
                              run_id=child.run_id, run_name=attempt.name, checkpoint_dir=folder, validated=True,
                              datasets=self.datasets, curve=attempt.curve, keep_correct=attempt.keep_correct,
