@@ -40,10 +40,7 @@ def report_and_prune(trial: optuna.Trial, metric: str, epochs: int, prunable: bo
     """Report the objective each epoch and prune between epochs (never after the last one)."""
     keras = runtime.keras()
 
-    class ReportAndPrune(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            stop.check()  # a stop signal that a library swallowed still ends the trial at the next batch
-
+    class ReportAndPrune(keras.callbacks.Callback):  # a stop is heard at batch ends by fit's own callback
         def on_epoch_end(self, epoch, logs=None):
             value = (logs or {}).get(metric)
             say(f"  trial {trial.number} epoch {epoch + 1}/{epochs}: " + "  ".join(
