@@ -64,7 +64,7 @@ def running_trial_of(study_path, overrides, pid):
     except KeyError:  # the study is not created yet
         return None
     for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
-        if t.user_attrs.get("worker", "").split(":")[1:2] == [str(pid)] and "mlflow_run_id" in t.user_attrs:
+        if t.user_attrs.get("worker", "").split(":")[1:2] == [str(pid)] and t.user_attrs.get("mlflow_run_id"):
             return t
     return None
 
@@ -215,7 +215,7 @@ def test_sigterm_marks_the_trial_kills_the_run_exits_fast_and_resumes(tmp_path):
     assert study.trials[trial.number].state.name == "FAIL"
     assert study.trials[trial.number].user_attrs["error"].startswith("interrupted")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert client.get_run(study.trials[trial.number].user_attrs["mlflow_run_id"]).info.status == "KILLED"
     _, parents, _ = mlflow_runs(tmp_path)
     assert parents[0].info.status == "KILLED"
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]  # queued again, like a preempted job
