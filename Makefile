@@ -27,6 +27,9 @@ DASHBOARD_PORT ?=
 # `make ui` / `make dashboard` show the most recent study; with SWEEP=name given, that sweep's study.
 UI_STUDY = $(if $(filter-out file,$(origin SWEEP)),--sweep $(SWEEP))
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): two use both cores here, since much of a test is one-threaded Python (tracing,
+# MLflow, SQLite, process starts). TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 MLFLOW_SERVER_STORE ?= sqlite:///mlflow-server.db
 MLFLOW_SERVER_ARTIFACTS ?= mlartifacts-server
 
@@ -80,7 +83,7 @@ dashboard: install ## optuna-dashboard on http://127.0.0.1:$(DASHBOARD_PORT) ove
 		$(UI_STUDY)
 
 test: install wheels ## The tests CI runs: offline, real training on small subsets; cluster tests skip without their services
-	$(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 test-fast: install wheels ## Only the fast tier (no multi-worker, server or Slurm tests)
 	$(PY) -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pickle
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,35 @@ from cnnexp import PROJECT_ROOT
 
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 CIFAR_JPEG = SHARED_DATA / "cifar10-jpeg.tar.gz"
+
+
+@contextlib.contextmanager
+def cpu_share(alone: bool):
+    """Under `make test`'s xdist workers, a test marked `alone` (it measures CPU or wall time) runs with no other test
+    beside it: every other test holds a shared lock, it an exclusive one, and a turnstile lets no new test start while
+    it waits. Without xdist, nothing to do."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"cnnexp-tests-{run}"
+    with open(f"{base}.turnstile", "a") as gate, open(f"{base}.cpu", "a") as cpu:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        fcntl.flock(cpu, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(cpu, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # Around setup, call and teardown: a module-scoped fixture made for this test counts as part of it.
+    with cpu_share(alone=item.get_closest_marker("alone") is not None):
+        return (yield)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,7 +26,9 @@ from cnnexp.study.space import load_sweep
 from tests.helpers import finish
 from tests.test_sweep import config_seeds, mlflow_runs, write_sweep
 
-pytestmark = [pytest.mark.cluster]
+# One xdist group: these tests start several workers each, and heartbeats with a few seconds of grace; two of them
+# at once on two cores would only test the scheduler.
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
 
 
 @pytest.fixture(autouse=True)

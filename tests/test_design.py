@@ -166,6 +166,7 @@ def test_a_designed_study_looks_after_each_round_and_adds_seeds_where_an_answer_
     assert "Looks (each with its share of the error rate)" in summary
 
 
+@pytest.mark.alone  # it measures CPU seconds beside a competitor of its own: no other test beside it
 def test_a_process_competing_for_a_core_during_the_timing_does_not_move_the_rung(tmp_path, cifar_jpeg, capsys):
     """Real timings of the default study's quarter-width model, alone and beside a process that keeps one of the two
     cores busy: the rung is chosen on the work (CPU seconds, a median over single batches), so it stays."""

@@ -35,6 +35,9 @@ def make(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(["make", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+pytestmark = pytest.mark.xdist_group("jax")  # the module-scoped offline virtualenv, made once
+
+
 @pytest.fixture(scope="module")
 def jax_python(tmp_path_factory, cifar_jpeg):
     """A fresh virtualenv made by `make install OFFLINE=1` from wheels/ alone: pip sees no index and no config."""

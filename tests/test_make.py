@@ -26,7 +26,9 @@ from mlflow import MlflowClient
 from cnnexp import PROJECT_ROOT
 from tests.conftest import CIFAR_JPEG
 
-pytestmark = pytest.mark.skipif(not CIFAR_JPEG.exists(), reason=f"{CIFAR_JPEG} is not there")
+# One xdist group: the module-scoped user folder and quick study are made once, on one worker.
+pytestmark = [pytest.mark.skipif(not CIFAR_JPEG.exists(), reason=f"{CIFAR_JPEG} is not there"),
+              pytest.mark.xdist_group("make")]
 
 QUESTIONS = {"kernel", "width", "train.batch_size", "train.epochs", "task"}
 
