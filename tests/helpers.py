@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import yaml
 from mlflow import MlflowClient
 
@@ -13,8 +17,26 @@ TINY = ["dataset=folder", f"dataset.path={CIFAR_JPEG}", "dataset.train_limit=100
         "+width=0.25", "train.epochs=2", "train.optimizer=adam"]
 
 
-def write_sweep(tmp_path, params, settings=None, overrides=(), name="tiny"):
-    """A sweep YAML on a tiny real subset, with every store and output under tmp_path."""
+def empty_mlflow_store(folder: Path) -> Path:
+    """folder/mlflow.db as a new, empty MLflow store: a copy of one made once per test process, since MLflow's schema
+    migrations take about 2 s per new SQLite store (a fifth of a one-trial sweep test). Tests of making a store
+    (tests/test_run.py) let MLflow make their own."""
+    template = Path(os.environ["CNNEXP_CACHE_DIR"]).parent / "mlflow-template.db"
+    if not template.exists():
+        from mlflow import MlflowClient
+
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
+    target = folder / "mlflow.db"
+    if not target.exists():
+        shutil.copyfile(template, target)
+    return target
+
+
+def write_sweep(tmp_path, params, settings=None, overrides=(), name="tiny", mlflow_store=True):
+    """A sweep YAML on a tiny real subset, with every store and output under tmp_path (the MLflow store made empty
+    beforehand unless mlflow_store=False)."""
+    if mlflow_store:
+        empty_mlflow_store(tmp_path)
     doc = {
         "overrides": [*TINY, *tracking_overrides(tmp_path), *overrides],
         "sweep": {"n_trials": 3, "storage": f"sqlite:///{tmp_path / 'studies.db'}",

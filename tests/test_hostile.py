@@ -669,7 +669,7 @@ def test_a_bad_value_for_a_sweep_is_one_line_and_creates_no_study(tmp_path, monk
     from cnnexp import sweep
 
     monkeypatch.chdir(tmp_path)
-    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"})
+    path = write_sweep(tmp_path, {"kernel": "choice(3,5)"}, mlflow_store=False)
     main_error(sweep.main, ["--sweep", str(path), *args], capsys, wanted)
     assert files_under(tmp_path) == {path.name}
 
