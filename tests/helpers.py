@@ -23,8 +23,6 @@ def empty_mlflow_store(folder: Path) -> Path:
     (tests/test_run.py) let MLflow make their own."""
     template = Path(os.environ["CNNEXP_CACHE_DIR"]).parent / "mlflow-template.db"
     if not template.exists():
-        from mlflow import MlflowClient
-
         MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
     target = folder / "mlflow.db"
     if not target.exists():
