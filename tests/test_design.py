@@ -1,9 +1,11 @@
 """Designed studies and budgets: the cells, the plan printed before training, resumes that keep it."""
 
 import dataclasses
+import time
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -190,10 +192,6 @@ def test_a_process_competing_for_a_core_during_the_timing_does_not_move_the_rung
     # A budget that puts the rung 2,000 in the middle of its window (geometric): between 2,000 fitting and 4,000 not.
     window = np.sqrt(budget._total(cells, alone, 2000, work=True) * budget._total(cells, alone, 4000, work=True))
     first = budget.plan(cells, window, full, 1.0, timings=dict(alone))
-    import time
-
-    import psutil
-
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         began = time.monotonic()

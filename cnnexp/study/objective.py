@@ -197,7 +197,8 @@ class Objective:
             # No checkpoint here (another machine's folder, or lost before its first epoch): train
             # afresh, in a run of its own, so that no run mixes two trainings.
             key = uuid.uuid4().hex[:12]
-            record.write(trial, mlflow_run_id=None)
+            if facts.mlflow_run_id:  # a retry inherits the lost trial's run id: cleared, so a new run opens
+                record.write(trial, mlflow_run_id=None)
         return key
 
     def _validation(self, values: dict, cfg: DictConfig) -> tuple[bool, set[int]]:
