@@ -42,6 +42,9 @@ TASK = "task"
 SEED_KEY = "train.seed"
 EPOCHS = "train.epochs"
 EPOCH_SEEDS = 1000  # seeds of the epochs arm start here: never the baseline's own seeds
+# Seeds of one cell trained side by side as one model of k towers (cnnexp.train.towers); the default is what
+# measured fastest on the 2-core CPU (`make bench`, runs per hour; README).
+REPLICATES_PER_MODEL = 4
 FACTOR, CURVE, ARM = "factor", "curve", "arm"
 AXES = ("updates", "seconds", "images")  # what a factor may also be compared at, against the long curve
 
@@ -92,6 +95,7 @@ class Design:
     curve_arm: str | None = None                   # the one epoch arm whose curve answers every multiple
     base_epochs: int = 0                           # train.epochs of the main task's cells
     questions: dict[str, Question] = field(default_factory=dict)  # key -> question, in the report's order
+    replicates_per_model: int = REPLICATES_PER_MODEL  # seeds of a cell trained side by side (1: one by one)
 
     def add_epoch_arms(self, base_epochs: int, constant_schedule: bool, plus: set[str]) -> None:
         """The arms that train the baseline longer; `plus`: the baseline keys that need '+' (shortcuts)."""
@@ -175,7 +179,8 @@ class Design:
         design = cls(seeds=int(stored.get("seeds", 2)), baseline=dict(stored["baseline"]), vary=dict(stored["vary"]),
                      main=str(stored["main"]), arms=arms if isinstance(arms, dict) else {a: [] for a in arms},
                      epochs=list(stored.get("epochs") or []), epoch_arms=dict(stored.get("epoch_arms") or {}),
-                     curve_arm=stored.get("curve_arm"), base_epochs=int(stored.get("base_epochs") or 0))
+                     curve_arm=stored.get("curve_arm"), base_epochs=int(stored.get("base_epochs") or 0),
+                     replicates_per_model=int(stored.get("replicates_per_model") or 1))
         given = stored.get("questions") or []
         design.questions = _questions(design, {q["key"]: q for q in given} if isinstance(given, list) else given)
         return design
@@ -205,10 +210,14 @@ def load_design(raw: dict | None, anchor=lambda overrides: overrides) -> Design 
         return None
     if not isinstance(raw, dict):
         raise ConfigError(f"design={raw!r} must be a mapping (seeds, baseline, vary, main, epochs, arms, questions).")
-    unknown = set(raw) - {"seeds", "baseline", "vary", "main", "arms", "epochs", "questions"}
+    unknown = set(raw) - {"seeds", "baseline", "vary", "main", "arms", "epochs", "questions", "replicates_per_model"}
     if unknown:
         raise ConfigError(f"design: unknown key(s) {sorted(unknown)}; use seeds, baseline, vary, main, epochs, arms, "
-                          "questions.")
+                          "questions, replicates_per_model.")
+    towers = raw.get("replicates_per_model", REPLICATES_PER_MODEL)
+    if isinstance(towers, bool) or not isinstance(towers, int) or not 1 <= towers <= 16:
+        raise ConfigError(f"design.replicates_per_model={towers!r} must be an integer from 1 to 16: the seeds of a "
+                          "cell trained side by side as one model (1: one model at a time).")
     seeds, baseline, vary = raw.get("seeds", 3), raw.get("baseline") or {}, raw.get("vary") or {}
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
         raise ConfigError(f"design.seeds={seeds!r} must be an integer >= 2: one seed can't measure noise.")
@@ -223,7 +232,8 @@ def load_design(raw: dict | None, anchor=lambda overrides: overrides) -> Design 
         if not name.replace("_", "").replace("-", "").isalnum() or name.startswith("epochs_x"):
             raise ConfigError(f"design: the task name {name!r} may hold letters, digits, '_' and '-' "
                               "(epochs_x* is reserved for the epochs arms).")
-    design = Design(seeds=seeds, baseline=baseline, vary=vary, main=main, arms=arms, epochs=epochs)
+    design = Design(seeds=seeds, baseline=baseline, vary=vary, main=main, arms=arms, epochs=epochs,
+                    replicates_per_model=towers)
     design.questions = _checked_questions(design, raw.get("questions") or {})
     return design
 

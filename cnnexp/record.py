@@ -72,6 +72,7 @@ class TrialRecord:
     registered_version: str | None = None
     checkpoint_error: str | None = None
     retry_of: int | None = None                 # the lost trial this one resumes (Optuna's retry)
+    towers: int | None = None                   # trained side by side with towers-1 other seeds of its cell
 
     @property
     def complete(self) -> bool:
@@ -127,7 +128,10 @@ def read_trial(frozen: optuna.trial.FrozenTrial) -> TrialRecord:
         value=frozen.values[0] if frozen.state == optuna.trial.TrialState.COMPLETE and frozen.values else None,
         values=list(frozen.values) if frozen.state == optuna.trial.TrialState.COMPLETE and frozen.values else None,
         curve={int(k): float(v) for k, v in frozen.intermediate_values.items()},
-        duration_s=round(frozen.duration.total_seconds(), 1) if frozen.duration else None,
+        # Seeds trained side by side share one wall: each trial's duration is its share, so that sums over trials
+        # (the budget, the report's time lines) count the wall once.
+        duration_s=round(frozen.duration.total_seconds() / max(1, int(attrs.get("towers") or 1)), 1)
+        if frozen.duration else None,
         retry_of=_RETRY.retried_trial_number(frozen),
         **{key: attrs[key] for key in USER_KEYS if attrs.get(key) is not None},
     )
@@ -147,7 +151,7 @@ def write(trial: optuna.Trial, **values) -> None:
 
 def carried(frozen: optuna.trial.FrozenTrial) -> dict:
     """What a retry of a lost trial carries over (its key, seed, run, overrides), not its outcome."""
-    drop = {"error", "pruned", "flag", "test_accuracy", "test_loss"}
+    drop = {"error", "pruned", "flag", "test_accuracy", "test_loss", "towers"}
     return {k: v for k, v in frozen.user_attrs.items() if k in USER_KEYS and k not in drop}
 
 

@@ -6,6 +6,7 @@ over Hydra's compose API that prints the score like the notebook did.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -26,7 +27,8 @@ from cnnexp.model.build import build_model
 from cnnexp.model.layers import LayerSpec, layers_config, layers_from_config, layers_text
 from cnnexp.model.shapes import Cost, cost, validate_architecture
 from cnnexp.tracking import runs
-from cnnexp.train.fit import TrainResult, train_model
+from cnnexp.train.compiled import ModelCache, cell_key
+from cnnexp.train.fit import TrainResult, compile_model, train_model
 from cnnexp.train.options import optimizer_settings, resolve_precision, weight_decay
 
 log = logging.getLogger("cnnexp")
@@ -162,7 +164,7 @@ def _log_outcome(mlrun: runs.Run, result: TrainResult, logged: set[int], name: s
 def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = (), parent_run_id: str | None = None,
         run_name: str | None = None, tags: dict | None = None, run_id: str | None = None, checkpoint_dir=None,
         validated: bool = False, datasets: DatasetMemo | None = None, curve: bool = True,
-        keep_correct: set[int] = frozenset()) -> RunResult:
+        keep_correct: set[int] = frozenset(), models: ModelCache | None = None) -> RunResult:
     """Train and evaluate one model, logging it to MLflow.
 
     Args:
@@ -177,6 +179,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
         datasets: keep the decoded dataset between runs of this process.
         curve: validate after every epoch; False: once, at the end (nothing reads the curve).
         keep_correct: epochs after which to keep which evaluation images are right (see `train_model`).
+        models: keep the compiled model of this cell, and re-initialise it for the next run of the same cell
+            (`cnnexp.train.compiled`): no new graph is traced.
     """
     layers, dataset = prepare(cfg, validated=validated, datasets=datasets)
     k = runtime.keras()
@@ -185,18 +189,28 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
     with runs.start_run(cfg.tracking, name, _tags(overrides, dataset, tags), parent_run_id, run_id) as mlrun:
         # Epochs already in the run: a trial resumed from its checkpoint has them (and its params).
         logged = mlrun.metric_steps("val_accuracy") if run_id is not None else set()
-        # Every run starts from a clean, seeded state: nothing leaks from a previous trial.
-        k.backend.clear_session()
+        # Every run starts from a clean, seeded state: nothing leaks from a previous trial. A held model of the same
+        # cell is put back to exactly the state this fresh build has (its weights are copied from it).
+        key = cell_key(layers, dataset, cfg) if models is not None else None
+        if models is None or not models.holds(key):
+            k.backend.clear_session()
         k.utils.set_random_seed(int(cfg.train.seed))
         k.mixed_precision.set_global_policy(resolve_precision(cfg.train))  # set on every run: never inherited
         net = build_model(layers, dataset.input_shape, dataset.num_classes, cfg.model.padding, name=str(cfg.model.name))
+        if models is not None:
+            net = models.take(key, net, lambda fresh: compile_model(fresh, dataset, cfg.train))
         if not logged:  # a resumed trial's run has all of this already
             _log_what_trains(mlrun, cfg, layers, network_cost, overrides, dataset, net)
         log.info("%s | %d parameters, %.1f MFLOPs per image | %s", summary_line(dataset), network_cost.params,
                  network_cost.flops / 1e6, runtime.device_description())
-        result = train_model(net, dataset, cfg.train, checkpoint_dir=checkpoint_dir, curve=curve,
-                             keep_correct=keep_correct,
-                             callbacks=[runs.epoch_logger(mlrun, logged, METRIC_NAMES), *callbacks])
+        try:
+            result = train_model(net, dataset, cfg.train, checkpoint_dir=checkpoint_dir, curve=curve,
+                                 keep_correct=keep_correct, compiled=models is not None,
+                                 callbacks=[runs.epoch_logger(mlrun, logged, METRIC_NAMES), *callbacks])
+        except BaseException:
+            if models is not None:  # a model stopped mid-step (a NaN, an OOM, a signal) is never trained again
+                models.clear()
+            raise
         metrics = _log_outcome(mlrun, result, logged, name, curve)
         if cfg.tracking.log_model:
             mlrun.log_model(net, dataset.x_test[:4])
@@ -207,6 +221,62 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), callbacks: Iterable = ()
                      eval_images=len(dataset.y_val), test_images=len(dataset.y_test),
                      num_classes=dataset.num_classes, model=net,
                      example=dataset.x_test[:4], correct=result.correct)
+
+
+def run_side_by_side(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]], run_ids: Sequence[str | None],
+                     run_names: Sequence[str], parent_run_id: str | None = None, datasets: DatasetMemo | None = None,
+                     models: ModelCache | None = None) -> list[RunResult]:
+    """k runs of one cell (other seeds, other subsets) trained as one model of k towers (`cnnexp.train.towers`).
+
+    Each run is its own MLflow run (`run_ids`, created and ended by the caller), logged with what it trained:
+    its config, its seed, its layers, its own curve and scores. Validated once, at the end; no checkpoint.
+
+    Raises:
+        NonFiniteLossError: the summed loss blew up; the caller trains the runs one by one to find which.
+    """
+    from cnnexp.train.towers import build_towers, compile_towers, train_towers
+
+    prepared = [prepare(cfg, validated=True, datasets=datasets) for cfg in cfgs]
+    layers, datas = prepared[0][0], [data for _, data in prepared]
+    cfg, first, seeds = cfgs[0], datas[0], [int(c.train.seed) for c in cfgs]
+    k = runtime.keras()
+    network_cost = cost(layers, first.input_shape, cfg.model.padding)
+    key = (*cell_key(layers, first, cfg), "towers", len(cfgs)) if models is not None else None
+    if models is None or not models.holds(key):
+        k.backend.clear_session()
+    k.mixed_precision.set_global_policy(resolve_precision(cfg.train))
+    net = build_towers(layers, first.input_shape, first.num_classes, cfg.model.padding, seeds, name=str(cfg.model.name))
+    if models is not None:
+        net = models.take(key, net, lambda fresh: compile_towers(fresh, cfg.train, len(first.y_train)))
+    else:
+        compile_towers(net, cfg.train, len(first.y_train))
+    log.info("%s | %d runs side by side, %d parameters each, %.1f MFLOPs per image | %s", summary_line(first),
+             len(cfgs), network_cost.params, network_cost.flops / 1e6, runtime.device_description())
+    with contextlib.ExitStack() as stack:
+        mlruns = [stack.enter_context(runs.start_run(c.tracking, name, _tags(o, d, None), parent_run_id, run_id))
+                  for c, o, d, name, run_id in zip(cfgs, overrides, datas, run_names, run_ids)]
+        for i, (mlrun, c, o, d) in enumerate(zip(mlruns, cfgs, overrides, datas)):
+            _log_what_trains(mlrun, c, layers, network_cost, o, d, net.get_layer(f"tower{i}"))
+            mlrun.set_tags({f"{runs.TAG_PREFIX}towers": len(cfgs), f"{runs.TAG_PREFIX}tower": i})
+        try:
+            results = train_towers(net, datas, cfg.train, seeds)
+        except BaseException:
+            if models is not None:
+                models.clear()
+            raise
+        out = []
+        for i, (mlrun, result, d, name) in enumerate(zip(mlruns, results, datas, run_names)):
+            for epoch in range(1, result.epochs_run + 1):  # the curve, one batch per epoch (logged after training)
+                mlrun.log_metrics({METRIC_NAMES[key]: v[epoch - 1] for key, v in result.history.items()
+                                   if key in METRIC_NAMES and not key.startswith("val_") and len(v) >= epoch},
+                                  step=epoch)
+            metrics = _log_outcome(mlrun, result, set(), name, curve=False)
+            out.append(RunResult(metrics=metrics, history=result.history, cost=network_cost, run_id=mlrun.run_id,
+                                 train_images=result.train_images, updates=result.updates, warnings=result.warnings,
+                                 dataset_note=d.note, eval_images=len(d.y_val), test_images=len(d.y_test),
+                                 num_classes=d.num_classes, model=net.get_layer(f"tower{i}"), example=d.x_test[:4],
+                                 correct=result.correct))
+    return out
 
 
 USAGE = """usage: python -m cnnexp.run [-v] [override ...]

@@ -121,6 +121,7 @@ class Loop:
         self.settings, self.recycle_after, self.ran = sweep.settings, recycle_after, []
         self.started = time.monotonic()
         self.plan = record.read_study(study).plan
+        objective.on_trial_done = self.after_trial  # the trials it trains beside its own (towers)
 
     def recycle_now(self) -> bool:
         return bool(self.recycle_after) and len(self.ran) >= self.recycle_after

@@ -21,6 +21,10 @@ from cnnexp.train.pipeline import fit_inputs
 from cnnexp.train.pipeline import steps_per_epoch as count_steps
 from cnnexp.train.recipe import make_loss, make_optimizer
 
+# Images per inference batch (validation, test): no gradients are kept, so a large batch costs little memory and
+# saves the per-batch dispatch that dominates a small model's inference on a CPU.
+INFERENCE_BATCH = 1000
+
 
 @dataclass
 class TrainResult:
@@ -45,6 +49,19 @@ def _compile(model, train_cfg, total_steps: int) -> None:
                   jit_compile=train_cfg.jit_compile, steps_per_execution=steps_per_execution(train_cfg))
 
 
+def epoch_images(data, train_cfg) -> int:
+    """Images one epoch trains on: the training split, or `train.images_per_epoch` of an endless stream."""
+    per_epoch = train_cfg.get("images_per_epoch")
+    return int(per_epoch) if per_epoch else len(data.y_train)
+
+
+def compile_model(model, data, train_cfg) -> None:
+    """Compile for this training (the schedule spans its steps) and build the optimizer's variables now, so that
+    their starting values can be kept and a re-used model put back to them (`cnnexp.train.compiled`)."""
+    _compile(model, train_cfg, count_steps(epoch_images(data, train_cfg), train_cfg) * int(train_cfg.epochs))
+    model.optimizer.build(model.trainable_variables)
+
+
 def _callbacks(train_cfg, extra, checkpoint_dir):
     """Ours first: the timer (it adds `epoch_seconds` to the logs), the NaN guard, the checkpoint; then the caller's.
 
@@ -64,7 +81,7 @@ def _callbacks(train_cfg, extra, checkpoint_dir):
 def evaluate(model, x, y, train_cfg) -> tuple[float, float]:
     """(loss, accuracy) of `model` on (x, y); with `train.augment.tta_flip`, of the mean of x's and its mirror's
     predictions."""
-    batch = max(int(train_cfg.batch_size), 256)
+    batch = max(int(train_cfg.batch_size), INFERENCE_BATCH)
     if not train_cfg.augment.tta_flip:
         loss, accuracy = model.evaluate(x, y, batch_size=batch, verbose=0)
         return float(loss), float(accuracy)
@@ -108,7 +125,7 @@ def _flags(history: dict, test_accuracy: float, data) -> list[str]:
 
 
 def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None, curve: bool = True,
-                keep_correct: set[int] = frozenset()) -> TrainResult:
+                keep_correct: set[int] = frozenset(), compiled: bool = False) -> TrainResult:
     """Compile and fit `model` on `data`, then evaluate it on the test split.
 
     Args:
@@ -118,16 +135,18 @@ def train_model(model, data, train_cfg, callbacks=(), checkpoint_dir=None, curve
             once, after the last epoch, where nothing reads a curve (a fifth of an epoch saved per epoch).
         keep_correct: epochs after which to keep which validation images are right (the last epoch's
             are always kept when validating once at the end).
+        compiled: `model` is compiled for this training already (`compile_model`; a re-used model of a cell).
 
     Raises:
         NonFiniteLossError: the loss became NaN, infinite or blew up; training stopped at that epoch.
     """
     inputs, validation, images = fit_inputs(data, train_cfg)
     per_epoch_steps = count_steps(images, train_cfg)
-    _compile(model, train_cfg, per_epoch_steps * int(train_cfg.epochs))
+    if not compiled:
+        compile_model(model, data, train_cfg)
     listed, guard, timer, backup = _callbacks(train_cfg, callbacks, checkpoint_dir)
     has_val = len(data.y_val) > 0
-    batch = max(int(train_cfg.batch_size), 256)
+    batch = max(int(train_cfg.batch_size), INFERENCE_BATCH)
     keeper = correctness_at(set(keep_correct), data.x_val, data.y_val, batch) if keep_correct and has_val else None
     if keeper is not None:
         listed.insert(1, keeper)  # after the timer, before the checkpoint and the caller's callbacks
