@@ -2,6 +2,8 @@
 
 0. time to answer: our sequential designed study, the notebook's full-fidelity grid and TPE, each
    scored against a stored high-fidelity reference (benchmarks/time_to_answer.py);
+0a. runs per hour of the default study's baseline cell: today's path, compile once, k towers, a bare
+    Keras loop (benchmarks/runs_per_hour.py);
 0b. the fast preset's time to 85% and to 90% on full CIFAR-10, with its accuracy-against-time curve
    (benchmarks/fast_preset.py);
 
@@ -35,6 +37,7 @@ from cnnexp.data.locate import SHARED, shared_data_dir
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling module
 import fast_preset  # noqa: E402
+import runs_per_hour  # noqa: E402
 import time_to_answer  # noqa: E402
 
 # The CIFAR-10 image-folder archive (or folder) to measure on: --data, else the shared copy that every
@@ -51,9 +54,11 @@ SIZES = {  # (train images, test images, epochs, repeats, width, trials for the 
 
 LONG = ("memory", "workers")  # behind --full (make bench FULL=1): tens of minutes on 2 cores
 # Minutes each part takes on the 2-core CPU these were measured on, printed before it starts.
-EXPECTED = {"tiny": {"time_to_answer": 3, "fast_preset": 1, "throughput": 1, "trial_overhead": 1, "pruning": 1,
+EXPECTED = {"tiny": {"runs_per_hour": 1,
+                     "time_to_answer": 3, "fast_preset": 1, "throughput": 1, "trial_overhead": 1, "pruning": 1,
                      "memory": 1, "workers": 2, "data": 1},
-            "full": {"time_to_answer": 25, "fast_preset": 45, "throughput": 5, "trial_overhead": 1, "pruning": 2,
+            "full": {"runs_per_hour": 4,
+                     "time_to_answer": 25, "fast_preset": 45, "throughput": 5, "trial_overhead": 1, "pruning": 2,
                      "memory": 8, "workers": 6, "data": 1}}
 
 
@@ -317,6 +322,8 @@ def bench_data(size: dict, tmp: Path) -> dict:
 def to_markdown(report: dict) -> str:
     lines = ["# cnnexp benchmarks", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()),
              f"Size: {report['size']}", ""]
+    if "runs_per_hour" in report:
+        lines += [*runs_per_hour.to_markdown(report["runs_per_hour"]), ""]
     if "time_to_answer" in report:
         lines += [*time_to_answer.to_markdown(report["time_to_answer"]), ""]
     if "fast_preset" in report:
@@ -370,7 +377,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a seconds-long configuration (for tests)")
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--only", nargs="*",
-                        choices=["time_to_answer", "fast_preset", "throughput", "trial_overhead", "pruning", "memory",
+                        choices=["runs_per_hour", "time_to_answer", "fast_preset",
+                                  "throughput", "trial_overhead", "pruning", "memory",
                                  "workers", "data"])
     args = parser.parse_args(argv)
     SHARED_CIFAR = args.data.resolve()
@@ -383,7 +391,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "size": "tiny" if args.tiny else "full"}
     scale = "tiny" if args.tiny else "full"
-    parts = {"time_to_answer": lambda size, folder: time_to_answer.bench_time_to_answer(folder, tiny=args.tiny),
+    parts = {"runs_per_hour": lambda size, folder: runs_per_hour.bench_runs_per_hour(SHARED_CIFAR, folder, args.tiny),
+             "time_to_answer": lambda size, folder: time_to_answer.bench_time_to_answer(folder, tiny=args.tiny),
              "fast_preset": lambda size, folder: fast_preset.bench_fast_preset(folder, tiny=args.tiny),
              "throughput": bench_throughput, "trial_overhead": bench_trial_overhead, "pruning": bench_pruning,
              "memory": bench_memory, "workers": bench_workers, "data": bench_data}

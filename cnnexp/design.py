@@ -43,8 +43,9 @@ SEED_KEY = "train.seed"
 EPOCHS = "train.epochs"
 EPOCH_SEEDS = 1000  # seeds of the epochs arm start here: never the baseline's own seeds
 # Seeds of one cell trained side by side as one model of k towers (cnnexp.train.towers); the default is what
-# measured fastest on the 2-core CPU (`make bench`, runs per hour; README).
-REPLICATES_PER_MODEL = 4
+# measured fastest on the 2-core CPU (`make bench`, runs per hour; README, 2026-12-06): one at a time, each on
+# the cell's one compiled model (1.45x today's runs per hour), where 2, 4 and 8 towers gave 1.36x, 1.13x, 1.01x.
+REPLICATES_PER_MODEL = 1
 FACTOR, CURVE, ARM = "factor", "curve", "arm"
 AXES = ("updates", "seconds", "images")  # what a factor may also be compared at, against the long curve
 

@@ -20,9 +20,13 @@ def test_bench_runs_on_a_tiny_configuration_and_writes_its_report(tmp_path, cifa
                           cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench" / "report.json").read_text())
-    assert {"machine", "time_to_answer", "fast_preset", "throughput", "trial_overhead", "pruning", "memory",
-            "workers", "data"} <= set(report)
+    assert {"machine", "runs_per_hour", "time_to_answer", "fast_preset", "throughput", "trial_overhead", "pruning",
+            "memory", "workers", "data"} <= set(report)
     assert report["workers"]["2"]["complete"] == report["workers"]["1"]["complete"] == 2
+    runs = report["runs_per_hour"]  # every path trained every seed, above chance, and was timed
+    assert {"today", "compile_once", "towers_2", "bare_fit"} <= set(runs)
+    assert all(runs[p]["runs"] == runs["seeds"] and runs[p]["mean_test_accuracy"] > 0.1 and
+               0 < runs[p]["in_training"] <= 1 for p in ("today", "compile_once", "towers_2", "bare_fit"))
     answer = report["time_to_answer"]
     for side in ("ours", "grid", "tpe"):  # every side trained and counted its images, and was scored
         assert answer[side]["images_trained"] > 0 and set(answer[side]["agrees"]) == {"kernel", "width",

@@ -10,6 +10,7 @@ from cnnexp.config import compose_config
 from cnnexp.model.build import build_model
 from cnnexp.run import DatasetMemo, prepare, run
 from cnnexp.runtime import keras
+from cnnexp.train.compiled import ModelCache
 from cnnexp.train.towers import build_towers, compile_towers, train_towers
 from tests.conftest import CIFAR_JPEG
 
@@ -51,11 +52,38 @@ def test_each_tower_starts_from_its_own_seeds_fresh_weights_and_shares_nothing()
     assert not np.array_equal(towers[0].get_weights()[0], moved)  # while tower 0 trained
 
 
+SEEDS = list(range(8))
+
+
+@pytest.fixture(scope="module")
+def separate():
+    """Eight runs of one cell as commit 4257784 trained them: each built, compiled and traced afresh."""
+    memo = DatasetMemo()
+    return memo, [run(compose_config(_seeded(s)), datasets=memo).metrics["test_accuracy"] for s in SEEDS]
+
+
+def _same_distribution(separate: list[float], other: list[float]) -> None:
+    assert min(separate + other) > 0.16  # chance is 0.10: 3 binomial SDs above it on 500 images
+    # The means within their CI (Welch), the spreads within theirs (Levene), over 8 seeds each.
+    assert stats.ttest_ind(separate, other, equal_var=False).pvalue > 0.01, (separate, other)
+    assert stats.levene(separate, other).pvalue > 0.01, (separate, other)
+    # Same start, same subset, same order: each seed ends near its separate run (up to the threads' order of sums).
+    assert np.max(np.abs(np.subtract(separate, other))) < 0.05, (separate, other)
+
+
 @needs_cifar
-def test_towers_have_the_accuracy_distribution_of_separate_runs():
-    memo, seeds = DatasetMemo(), list(range(8))
-    separate = [run(compose_config(_seeded(s)), datasets=memo).metrics["test_accuracy"] for s in seeds]
-    together = []
+def test_reinitialised_runs_have_the_accuracy_distribution_of_fresh_runs(separate):
+    memo, fresh = separate
+    models = ModelCache()
+    cached = [run(compose_config(_seeded(s)), datasets=memo, models=models).metrics["test_accuracy"] for s in SEEDS]
+    assert models.compiles == 1 and models.reuses == 7  # one graph for the eight seeds
+    _same_distribution(fresh, cached)
+
+
+@needs_cifar
+def test_towers_have_the_accuracy_distribution_of_separate_runs(separate):
+    memo, alone = separate
+    seeds, together = SEEDS, []
     for group in (seeds[:4], seeds[4:]):
         prepared = [prepare(compose_config(_seeded(s)), datasets=memo) for s in group]
         layers, cfg = prepared[0][0], compose_config(_seeded(group[0]))
@@ -67,11 +95,7 @@ def test_towers_have_the_accuracy_distribution_of_separate_runs():
         results = train_towers(model, datas, cfg.train, group)
         assert all(r.epochs_run == 2 and len(r.history["loss"]) == 2 for r in results)
         together += [r.test_accuracy for r in results]
-    assert min(separate + together) > 0.16  # chance is 0.10: 3 binomial SDs above it on 500 images
-    assert stats.ttest_ind(separate, together, equal_var=False).pvalue > 0.01, (separate, together)
-    assert stats.levene(separate, together).pvalue > 0.01, (separate, together)
-    # Same start, same subset, same order: each seed's tower ends near its separate run.
-    assert np.max(np.abs(np.subtract(separate, together))) < 0.05, (separate, together)
+    _same_distribution(alone, together)
 
 
 @needs_cifar

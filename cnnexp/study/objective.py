@@ -14,7 +14,6 @@ never trains an epoch twice.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import re
@@ -30,8 +29,9 @@ from cnnexp import record, runtime, stop
 from cnnexp.config import compose_config, effective_overrides, overrides_to_command
 from cnnexp.console import say
 from cnnexp.design import TASK, config_key, short_label
-from cnnexp.errors import CnnexpError, NonFiniteLossError
-from cnnexp.run import DatasetMemo, RunResult, run, run_side_by_side
+from cnnexp.errors import CnnexpError
+from cnnexp.run import DatasetMemo, RunResult, run
+from cnnexp.study import side_by_side
 from cnnexp.study.optuna_study import LOST, UNPREPARED, assign_seed, checkpoint_root
 from cnnexp.study.settings import objectives
 from cnnexp.study.space import Sweep, suggest, trial_overrides
@@ -118,11 +118,11 @@ class Objective:
         except BaseException as err:
             self._unprepared(trial, err)
             raise
-        if self._towers(attempt) <= 1:
+        if side_by_side.towers(self, attempt) <= 1:
             return self._single(trial, attempt)
         with contextlib.ExitStack() as heartbeats:  # the trials it claims beat as `study.optimize`'s own does
-            group = self._companions(trial, attempt, heartbeats)
-            return self._side_by_side(group) if len(group) > 1 else self._single(trial, attempt)
+            group = side_by_side.companions(self, trial, attempt, heartbeats)
+            return side_by_side.train(self, group) if len(group) > 1 else self._single(trial, attempt)
 
     def _single(self, trial: optuna.Trial, attempt: Attempt, child: runs.Run | None = None):
         """Train one trial as one model; record it, or fail it with its reason (and raise)."""
@@ -154,121 +154,6 @@ class Objective:
             raise
         shutil.rmtree(folder, ignore_errors=True)  # never left behind on success
         return values if self.multi else values[0]
-
-    # --- seeds side by side (design.replicates_per_model) ---------------------------------------------------------
-    def _towers(self, attempt: Attempt) -> int:
-        """How many seeds of this trial's cell may train with it as one model: 1 where a tower can't be one run.
-
-        Towers validate once, at the end, keep no checkpoint and run on TensorFlow's tf.data: a curve, early
-        stopping, a resumed checkpoint, an endless stream or another backend train one model at a time."""
-        cfg = attempt.cfg
-        if self.design is None or self.multi or attempt.curve or attempt.keep_correct or attempt.retry_of is not None:
-            return 1
-        if (cfg.train.early_stopping.enabled or cfg.train.get("images_per_epoch")
-                or str(cfg.train.pipeline) != "tf_data" or runtime.keras().backend.backend() != "tensorflow"):
-            return 1
-        return int(self.design.replicates_per_model)
-
-    @staticmethod
-    def _cell_of(frozen) -> tuple:
-        """A waiting trial's cell as it was queued (its training-set size is checked once it is prepared)."""
-        return config_key(record.fixed_params(frozen) or {}), record.read_trial(frozen).confirms
-
-    def _companions(self, trial: optuna.Trial, attempt: Attempt, heartbeats: contextlib.ExitStack
-                    ) -> list[tuple[optuna.Trial, Attempt]]:
-        """This trial, and the next waiting trials of its cell (other seeds), claimed as `study.ask` claims one.
-
-        Each claimed trial beats from the moment it is RUNNING: a lost worker's companions are failed by their
-        heartbeat, and retried, like its own trial."""
-        from optuna.storages._heartbeat import get_heartbeat_thread  # what `study.optimize` gives its own trial
-
-        group, cell = [(trial, attempt)], self._cell_of(self.study.get_trials(deepcopy=False)[trial.number])
-        while len(group) < self._towers(attempt):
-            waiting = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-            if not waiting or self._cell_of(waiting[0]) != cell:
-                break
-            # Claimed as `study.ask` claims a waiting trial (WAITING -> RUNNING, atomic in the storage), but this
-            # one only: when another worker took it first, the group is what it is (never a new, sampled trial).
-            try:
-                if not self.study._storage.set_trial_state_values(waiting[0]._trial_id,
-                                                                  state=optuna.trial.TrialState.RUNNING):
-                    break
-            except optuna.exceptions.UpdateFinishedTrialError:
-                break
-            heartbeats.enter_context(get_heartbeat_thread(waiting[0]._trial_id, self.study._storage))
-            other = optuna.Trial(self.study, waiting[0]._trial_id)
-            try:
-                other_attempt = self._prepare(other)
-            except BaseException as err:
-                self._unprepared(other, err)
-                self.study.tell(other, state=optuna.trial.TrialState.FAIL)
-                raise
-            if self._towers(other_attempt) <= 1 or \
-                    other_attempt.cfg.dataset.get("train_limit") != attempt.cfg.dataset.get("train_limit"):
-                self._finish(other, functools.partial(self._single, other, other_attempt))  # trains alone
-                break
-            group.append((other, other_attempt))
-        return group
-
-    def _side_by_side(self, group: list[tuple[optuna.Trial, Attempt]]):
-        """Train the group's seeds as one model of towers; record each trial; tell the companions; return the
-        first trial's value (`study.optimize` tells it)."""
-        trials, attempts = [t for t, _ in group], [a for _, a in group]
-        children = [self._child_run(t, a) for t, a in group]
-        say(f"  trials {', '.join(str(t.number) for t in trials)}: {len(group)} seeds side by side, one model")
-        try:
-            with children[0].system_metrics(bool(self.settings.system_metrics)), stop.deferred():
-                results = run_side_by_side([a.cfg for a in attempts], [a.overrides for a in attempts],
-                                           [c.run_id for c in children], [a.name for a in attempts],
-                                           self.parent_run_id, self.datasets, self.models)
-        except NonFiniteLossError as err:  # one seed diverged: each trains alone, and only that one fails
-            say(f"  {err}; the {len(group)} seeds train one by one")
-            return self._each(group, [lambda t=t, a=a, c=c: self._single(t, a, c)
-                                      for (t, a), c in zip(group, children)])
-        except BaseException as err:
-            for (t, a), child in zip(group, children):
-                self._failed(t, child, self.checkpoints / a.key, err)
-            for other in trials[1:]:
-                self.study.tell(other, state=optuna.trial.TrialState.FAIL)
-            raise
-
-        def keep(t, result, child):
-            values = [self._value(result, metric) for metric, _ in objectives(self.settings)]
-            self._record(t, result, child, values[0])
-            record.write(t, towers=len(group))
-            return values[0]
-
-        def guarded(t, a, result, child):
-            try:
-                return keep(t, result, child)
-            except BaseException as err:
-                self._failed(t, child, self.checkpoints / a.key, err)
-                raise
-
-        return self._each(group, [lambda t=t, a=a, r=r, c=c: guarded(t, a, r, c)
-                                  for (t, a), r, c in zip(group, results, children)])
-
-    def _each(self, group, steps):
-        """Run each trial's step: the companions are told here, the first trial's value is returned (or raised)."""
-        for (trial, _), step in zip(group[1:], steps[1:]):
-            self._finish(trial, step)
-        return steps[0]()
-
-    def _finish(self, trial: optuna.Trial, step) -> None:
-        """Tell Optuna how a claimed trial (`study.ask`) ended, as `study.optimize` does for its own."""
-        try:
-            value = step()
-        except KeyboardInterrupt:
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        except optuna.TrialPruned:
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        except Exception:  # noqa: BLE001 - recorded on the trial by `_failed`; a failing trial never stops the sweep
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        else:
-            self.study.tell(trial, value)
-        if self.on_trial_done is not None:
-            self.on_trial_done(self.study, self.study.get_trials(deepcopy=False)[trial.number])
 
     @staticmethod
     def _value(result: RunResult, metric: str) -> float:
