@@ -2,7 +2,8 @@
 
 Side by side in one process, each over the same seeds (each its own training subset, as in a design):
 
-- today's path: every run builds, compiles and traces its model (`cnnexp.run.run`, as commit 4257784 did);
+- today's path: every run builds, compiles and traces its model (`cnnexp.run.run`), the path of commit 4257784 plus this round's
+  inference batch of 1,000;
 - compile once: one compiled model for the cell, re-initialised per seed (`cnnexp.train.compiled`);
 - towers at k = 2, 4, 8: k seeds as one model of k towers (`cnnexp.train.towers`), compiled once;
 - a bare Keras loop of the same fits (build, compile, `model.fit` on the same arrays and batches, nothing else):

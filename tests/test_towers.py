@@ -57,7 +57,7 @@ SEEDS = list(range(8))
 
 @pytest.fixture(scope="module")
 def separate():
-    """Eight runs of one cell as commit 4257784 trained them: each built, compiled and traced afresh."""
+    """Eight runs of one cell, each built, compiled and traced afresh (the path before compile-once)."""
     memo = DatasetMemo()
     return memo, [run(compose_config(_seeded(s)), datasets=memo).metrics["test_accuracy"] for s in SEEDS]
 
